@@ -1,0 +1,52 @@
+"""Per-step schedules: τ and κ linear, learning rate cosine to a fraction (method §6).
+
+Everything advances per optimiser step, never per micro-batch, and the last step runs exactly at the
+end values (τ = 0.05, κ = 500, lr = final_frac · lr).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    tau: tuple[float, float] = (2.0, 0.05)
+    kappa: tuple[float, float] = (100.0, 500.0)
+    lr_final_frac: float = 0.1  # cosine decay of the learning rate to this fraction
+    cosine: bool = True  # False = constant learning rate (the Q/K warm-up)
+
+    def _progress(self, step: int) -> float:
+        return step / (self.total_steps - 1) if self.total_steps > 1 else 1.0
+
+    def tau_at(self, step: int) -> float:
+        start, end = self.tau
+        return start + (end - start) * self._progress(step)
+
+    def kappa_at(self, step: int) -> float:
+        start, end = self.kappa
+        return start + (end - start) * self._progress(step)
+
+    def lr_factor(self, step: int) -> float:
+        if not self.cosine:
+            return 1.0
+        frac = self.lr_final_frac
+        return frac + (1.0 - frac) * 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+
+    def lr_sum(self) -> float:
+        """Σ_t lr_factor(t): how far (in units of lr) a Lion parameter can travel over the run."""
+        return sum(self.lr_factor(t) for t in range(self.total_steps))
+
+
+# Travel of a logit over the paper's budget: 1,280 Lion steps at 1e-4 with cosine decay to 0.1x.
+PAPER_LOGIT_TRAVEL = 1e-4 * Schedule(1280).lr_sum()
+
+
+def budget_aware_lr(base_lr: float, schedule: Schedule, travel: float | None) -> float:
+    """max(base_lr, travel / Σ lr factors): small budgets get a larger lr so logits can still
+    move as far as at the paper's budget (method §21); at the paper's budget this is base_lr."""
+    if travel is None or schedule.total_steps == 0:
+        return base_lr
+    return max(base_lr, travel / schedule.lr_sum())
