@@ -1,0 +1,69 @@
+"""Stage objectives: MSE of a sub-block's output against its full-precision output (method §3).
+
+The trainable linears' weights are swapped in with `torch.func.functional_call`, so the soft
+weights' gradients flow to the quantizers while the Hugging Face modules stay untouched. Targets are
+computed once per stage with the block's original weights (caching them is valid, method §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class _SubBlock(nn.Module):
+    """Wraps `fn(block, x)` as a module so that `functional_call` can replace the block's weights."""
+
+    def __init__(self, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.block = block
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(self.block, x)
+
+
+class ActivationObjective:
+    """Mean squared error of `fn(block, x)` with trial weights against cached targets.
+
+    inputs/targets: `(N, T, hidden)`; `weights` map linear names (e.g. "mlp.up_proj") to `(out, in)`.
+    """
+
+    def __init__(self, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor],
+                 train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], micro_batch_size: int,
+                 device: torch.device) -> None:
+        self.module = _SubBlock(block, fn)
+        self.train_in, self.train_out = train
+        self.val_in, self.val_out = val
+        self.n_train = self.train_in.shape[0]
+        self.micro = micro_batch_size
+        self.device = device
+        self.dtype = next(block.parameters()).dtype
+
+    def _forward(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        params = {f"block.{name}.weight": w for name, w in weights.items()}
+        return functional_call(self.module, params, (x,), strict=False)
+
+    def loss(self, weights: dict[str, Tensor], indices: Tensor) -> Tensor:
+        idx = indices.to(self.train_in.device)
+        x, y = self.train_in[idx].to(self.device), self.train_out[idx].to(self.device)
+        return F.mse_loss(self._forward(weights, x).float(), y.float())
+
+    @torch.no_grad()
+    def val_loss(self, weights: dict[str, Tensor]) -> float:
+        total, count = 0.0, 0
+        for x, y in zip(self.val_in.split(self.micro), self.val_out.split(self.micro)):
+            pred = self._forward(weights, x.to(self.device)).float()
+            total += float(F.mse_loss(pred, y.to(self.device).float(), reduction="sum"))
+            count += y.numel()
+        return total / count
+
+
+@torch.no_grad()
+def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    """Apply `fn` to `x` `(N, ...)` in batches along dim 0, keeping results on x's device."""
+    return torch.cat([fn(chunk).to(x.device) for chunk in x.split(batch_size)])

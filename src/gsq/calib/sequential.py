@@ -1,0 +1,277 @@
+"""The block loop (method §3.1, §11): quantize a decoder-only model one block at a time.
+
+For each block, with inputs from the already-quantized prefix:
+  1. cache the full-precision targets (attention output and block output) on train and val inputs;
+  2. for each stage of the adapter (qk -> vo -> mlp, or mlp only): collect the stage's Hessians with
+     earlier stages hard and its own weights FP, initialise with GPTQ (or RTN), then for GSQ train
+     the stage's quantizers on its objective and hard-round; write the hard weights into the block;
+  3. push the train, val and GPTQ buffers through the hard block to feed the next one.
+Only the current block and its training state live on the device; the model skeleton stays put.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gsq.calib.capture import capture_block_context, capture_block_inputs
+from gsq.calib.hooks import collect_hessians
+from gsq.calib.objectives import ActivationObjective, map_batches
+from gsq.config import QuantizeConfig
+from gsq.errors import GSQError
+from gsq.models.base import ModelAdapter, StageSpec
+from gsq.quant.gptq import gptq_quantize
+from gsq.quant.layerwise import QuadraticObjective
+from gsq.quant.noise import derive_seed
+from gsq.quant.quantizers import make_quantizer
+from gsq.quant.rtn import rtn_quantize
+from gsq.quant.trainer import TrainConfig, TrainResult, train_quantizers
+from gsq.quant.types import QuantizedWeight, QuantSpec
+
+log = logging.getLogger(__name__)
+
+_STAGE_IDS = {"qk": 1, "vo": 2, "mlp": 3}
+
+
+@dataclass
+class Buffers:
+    """Hidden states entering the current block, `(N, T, hidden)` per split."""
+
+    train: Tensor
+    val: Tensor
+    gptq: Tensor
+
+    def items(self):
+        return {"train": self.train, "val": self.val, "gptq": self.gptq}.items()
+
+
+@dataclass
+class BlockContext:
+    block: nn.Module
+    index: int
+    prefix: str  # full-name prefix of the block's modules, e.g. "model.layers.3."
+    ctx: dict[str, Any]  # block call kwargs (rotary embeddings, mask)
+    W_f: dict[str, Tensor]  # original weights of the in-scope linears
+    targets: dict[str, Tensor] = field(default_factory=dict)  # FP outputs: attn_/block_ train/val
+
+
+def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str, block: nn.Module) -> dict[str, QuantSpec]:
+    """The linears of `stage` to quantize in this block, with their specs (skips removed)."""
+    specs = {}
+    for name in stage.linears:
+        spec = cfg.spec_for(prefix + name)
+        if spec is None:
+            continue
+        width = block.get_submodule(name).in_features
+        if width % spec.group_size != 0:
+            raise GSQError(f"group size {spec.group_size} does not divide the input width {width} "
+                           f"of {prefix + name}")
+        specs[name] = spec
+    return specs
+
+
+def active_stages(adapter: ModelAdapter, cfg: QuantizeConfig) -> list[StageSpec]:
+    return [s for s in adapter.stages if cfg.scope == "all" or s.objective == "block"]
+
+
+@torch.no_grad()
+def _hessians(bc: BlockContext, adapter: ModelAdapter, names: list[str], x: Tensor,
+              micro: int) -> dict[str, Tensor]:
+    """H of each named linear's inputs while `x` runs through the block in its current state."""
+    with collect_hessians(bc.block, names) as accs:
+        for chunk in x.split(micro):
+            adapter.block_forward(bc.block, chunk, bc.ctx)
+    return {name: acc.H for name, acc in accs.items()}
+
+
+def _set_weights(block: nn.Module, results: dict[str, QuantizedWeight]) -> None:
+    for name, qw in results.items():
+        weight = block.get_submodule(name).weight
+        weight.data.copy_(qw.dequantize(weight.dtype).to(weight.device))
+
+
+def _initial_assignment(bc, adapter, cfg, specs, bufs, micro) -> tuple[dict, dict]:
+    """GPTQ (or RTN) codes of each linear, and the GPTQ Hessians (empty for RTN)."""
+    if cfg.method == "rtn" or (cfg.method == "gsq" and cfg.init == "rtn"):
+        return {n: rtn_quantize(bc.W_f[n], s) for n, s in specs.items()}, {}
+    H = _hessians(bc, adapter, list(specs), bufs.gptq, micro)
+    init = {n: gptq_quantize(bc.W_f[n], H[n], s, cfg.percdamp, cfg.gptq_block_size,
+                             cfg.static_groups) for n, s in specs.items()}
+    return init, H
+
+
+def _quantizers(init: dict[str, QuantizedWeight], cfg: QuantizeConfig, seed: int) -> dict:
+    out = {}
+    for qi, (name, qw) in enumerate(init.items()):
+        gen = torch.Generator().manual_seed(derive_seed(seed, qi, 0x1417))
+        out[name] = make_quantizer(qw, cfg.init_cfg, gen)
+    return out
+
+
+def _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress) -> tuple[dict, list]:
+    """Q/K stage: each linear alone on tr(ΔW H ΔWᵀ), validated on the val buffer's Hessian."""
+    H_val = _hessians(bc, adapter, list(init), bufs.val, cfg.train.micro_batch_size)
+    qk_cfg = TrainConfig(epochs=cfg.qk_steps, batch_size=1, micro_batch_size=1,
+                         logit_lr=cfg.train.logit_lr, scale_lr=cfg.train.scale_lr,
+                         weight_decay=cfg.train.weight_decay, betas=cfg.train.betas, cosine=False,
+                         tau=cfg.train.tau, kappa=cfg.train.kappa,
+                         logit_travel=cfg.train.logit_travel, keep_best=cfg.train.keep_best)
+    results, runs = {}, []
+    for qi, (name, qw) in enumerate(init.items()):
+        objective = QuadraticObjective(name, bc.W_f[name], H[name], H_val[name])
+        quantizers = _quantizers({name: qw}, cfg, derive_seed(seed, qi))
+        run = train_quantizers(quantizers, objective, qk_cfg, derive_seed(seed, qi), progress,
+                               desc=f"block {bc.index} {name}")
+        results.update(run.results)
+        runs.append(run)
+    return results, runs
+
+
+def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tuple[dict, list]:
+    """V/O stage on the attention output, or MLP stage on the block output (method §3.1)."""
+    micro = cfg.train.micro_batch_size
+    if stage.objective == "attention":
+        def fn(block, x):
+            return adapter.attention_residual(block, x, bc.ctx)
+        train = (bufs.train, bc.targets["attn_train"])
+        val = (bufs.val, bc.targets["attn_val"])
+    else:  # "block": MLP inputs come through the block's (already hard) attention
+        def attn(x):
+            return adapter.attention_residual(bc.block, x, bc.ctx)
+
+        def fn(block, x):
+            return adapter.mlp_residual(block, x)
+        train = (map_batches(attn, bufs.train, micro), bc.targets["block_train"])
+        val = (map_batches(attn, bufs.val, micro), bc.targets["block_val"])
+    device = next(bc.block.parameters()).device
+    objective = ActivationObjective(bc.block, fn, train, val, micro, device)
+    quantizers = _quantizers(init, cfg, seed)
+    run = train_quantizers(quantizers, objective, cfg.train, seed, progress,
+                           desc=f"block {bc.index} {stage.name}")
+    return run.results, [run]
+
+
+def _run_summary(stage: StageSpec, names: list[str], runs: list[TrainResult], seconds: float) -> dict:
+    return {
+        "stage": stage.name,
+        "linears": names,
+        "seconds": round(seconds, 3),
+        "val_loss_init": [r.init_val for r in runs],
+        "val_loss_final": [r.best_val for r in runs],
+        "best_epoch": [r.best_epoch for r in runs],
+        "kept_init": [r.best_epoch == 0 for r in runs],
+        "steps": [r.steps for r in runs],
+        "logit_lr": [r.logit_lr for r in runs],
+        "history": [r.history for r in runs] if stage.objective != "quadratic" else [],
+    }
+
+
+def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig, stage: StageSpec,
+                   bufs: Buffers, progress: bool) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize one stage's linears in place; returns their records and a report entry."""
+    t0 = time.perf_counter()
+    specs = stage_specs(cfg, stage, bc.prefix, bc.block)
+    if not specs:
+        return {}, {"stage": stage.name, "linears": [], "skipped": True}
+    micro = cfg.train.micro_batch_size
+    init, H = _initial_assignment(bc, adapter, cfg, specs, bufs, micro)
+    results, runs = init, []
+    if cfg.method == "gsq":
+        seed = derive_seed(cfg.seed, bc.index, _STAGE_IDS.get(stage.name, 0))
+        try:
+            if stage.objective == "quadratic":
+                results, runs = _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress)
+            else:
+                results, runs = _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress)
+        except FloatingPointError as err:
+            raise GSQError(f"block {bc.index} stage {stage.name}: {err}") from err
+    _set_weights(bc.block, results)
+    return results, _run_summary(stage, list(specs), runs, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _cache_fp_targets(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, micro: int,
+                      need_train: bool) -> None:
+    """Full-precision attention and block outputs on the val (and train) inputs."""
+    def attn(x):
+        return adapter.attention_residual(bc.block, x, bc.ctx)
+
+    splits = {"val": bufs.val, "train": bufs.train} if need_train else {"val": bufs.val}
+    for split, x in splits.items():
+        attn_out = map_batches(attn, x, micro)
+        bc.targets[f"attn_{split}"] = attn_out
+        bc.targets[f"block_{split}"] = map_batches(lambda h: adapter.mlp_residual(bc.block, h),
+                                                   attn_out, micro)
+
+
+@torch.no_grad()
+def _propagate(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, micro: int) -> Buffers:
+    """Push every buffer through the (hard) block: the next block's inputs."""
+    def run(x):
+        return adapter.block_forward(bc.block, x, bc.ctx)
+
+    return Buffers(*(map_batches(run, x, micro) for _, x in bufs.items()))
+
+
+def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: QuantizeConfig,
+                   bufs: Buffers, ctx: dict, progress: bool) -> tuple[dict, dict, Buffers]:
+    """Quantize one block in place. Returns (records by full name, report entry, next buffers)."""
+    t0 = time.perf_counter()
+    prefix = adapter.first_block_prefix().format(i=index)
+    stages = active_stages(adapter, cfg)
+    names = [n for s in stages for n in s.linears]
+    W_f = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    bc = BlockContext(block, index, prefix, ctx, W_f)
+    micro = cfg.train.micro_batch_size
+    _cache_fp_targets(bc, adapter, bufs, micro, need_train=cfg.method == "gsq")
+    records, stage_reports = {}, []
+    for stage in stages:
+        results, report = quantize_stage(bc, adapter, cfg, stage, bufs, progress)
+        records.update({prefix + n: qw.to("cpu") for n, qw in results.items()})
+        stage_reports.append(report)
+    next_bufs = _propagate(bc, adapter, bufs, micro)
+    target = bc.targets["block_val"]
+    mse = float(((next_bufs.val - target).float() ** 2).mean())
+    rel = mse / float((target.float() ** 2).mean())
+    if not (mse == mse):
+        raise GSQError(f"block {index}: quantized block output is not finite")
+    report = {"block": index, "stages": stage_reports, "val_block_mse": mse,
+              "val_block_rel_mse": rel, "seconds": round(time.perf_counter() - t0, 3)}
+    return records, report, next_bufs
+
+
+def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
+                     cfg: QuantizeConfig, device: torch.device,
+                     progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize `model` in place, block by block, on calibration windows {train, val, gptq} `(N, T)`.
+
+    Returns the records of every quantized linear (by full module name) and the run report.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    blocks = adapter.blocks(model)
+    n_blocks = min(len(blocks), cfg.max_blocks or len(blocks))
+    for module in adapter.embedding_modules(model):
+        module.to(device)
+    ctx = capture_block_context(model, adapter, cfg.seqlen, device)
+    bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
+                                          cfg.train.micro_batch_size) for s in ("train", "val", "gptq")))
+    records, block_reports = {}, []
+    for index in tqdm(range(n_blocks), desc="blocks", unit="block", disable=not progress):
+        block = blocks[index]
+        home = next(block.parameters()).device
+        block.to(device)
+        block_records, report, bufs = quantize_block(block, index, adapter, cfg, bufs, ctx, progress)
+        block.to(home)
+        records.update(block_records)
+        block_reports.append(report)
+        log.info("block %d: rel. output MSE %.4g, %.1f s", index, report["val_block_rel_mse"],
+                 report["seconds"])
+    return records, {"blocks": block_reports, "quantize_seconds": time.perf_counter() - t0,
+                     "blocks_quantized": n_blocks, "blocks_total": len(blocks)}

@@ -1,0 +1,105 @@
+"""Configuration of a quantization run, validated on construction.
+
+`QuantizeConfig` holds everything a run depends on; it is written into the output directory so a
+result can be traced to its settings. Presets (`cpu_preset`, `gpu_preset`, `paper_preset`) give
+budgets for a 2-core laptop-class CPU, a single GPU, and the paper's recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+
+from gsq.quant.quantizers import InitConfig
+from gsq.quant.trainer import TrainConfig
+from gsq.quant.types import QuantSpec, parse_bits
+
+METHODS = ("gsq", "gptq", "rtn")
+SCOPES = ("all", "mlp-only")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: str = "gsq"  # "gsq", or the baselines "gptq" / "rtn"
+    bits: int | str = 2  # 2, 3, 4 or "ternary"
+    group_size: int = 128  # input columns per scale
+    init: str = "gptq"  # GSQ initialiser: "gptq" or "rtn"
+    scope: str = "all"  # "all" linears of each block (paper, staged) or "mlp-only" (reference code)
+    skip: tuple[str, ...] = ()  # fnmatch patterns of full module names kept in full precision
+    bits_overrides: tuple[tuple[str, int | str], ...] = ()  # (pattern, bits) per-module bit-widths
+    nsamples: int = 128  # training sequences
+    val_samples: int = 16  # held-out calibration sequences (validation, best-epoch choice)
+    gptq_samples: int = 64  # sequences for GPTQ Hessians (disjoint from train and val)
+    seqlen: int = 512  # tokens per calibration sequence
+    train: TrainConfig = field(default_factory=TrainConfig)  # block-objective stages (vo, mlp)
+    qk_steps: int = 2000  # full-batch steps of the Q/K quadratic stage (paper: 2,000)
+    init_cfg: InitConfig = field(default_factory=InitConfig)
+    percdamp: float = 0.1  # GPTQ damping, fraction of mean diag(H)
+    gptq_block_size: int = 128
+    static_groups: bool = False
+    seed: int = 0
+    max_blocks: int | None = None  # quantize only the first N blocks (smoke tests, comparisons)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.init not in ("gptq", "rtn"):
+            raise ValueError(f"init must be 'gptq' or 'rtn'; got {self.init!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+        QuantSpec(self.bits, self.group_size)  # validates the group size
+        for _, bits in self.bits_overrides:
+            parse_bits(bits)
+        if min(self.nsamples, self.val_samples, self.gptq_samples) < 1:
+            raise ValueError("nsamples, val_samples and gptq_samples must be >= 1")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be >= 2; got {self.seqlen}")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1; got {self.max_blocks}")
+
+    def spec_for(self, module_name: str) -> QuantSpec | None:
+        """The spec of a full module name, or None if it is skipped (kept in full precision)."""
+        if any(fnmatch.fnmatch(module_name, pat) for pat in self.skip):
+            return None
+        bits = self.bits
+        for pattern, override in self.bits_overrides:
+            if fnmatch.fnmatch(module_name, pattern):
+                bits = parse_bits(override)
+        return QuantSpec(bits, self.group_size)
+
+    def replace(self, **changes) -> QuantizeConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["init_cfg"]["logits_dtype"] = str(self.init_cfg.logits_dtype).replace("torch.", "")
+        return out
+
+
+def cpu_preset(**changes) -> QuantizeConfig:
+    """Budget for a small model on a 2-core CPU (SmolLM2-135M: 30 blocks in well under 45 min)."""
+    train = TrainConfig(epochs=4, batch_size=8, micro_batch_size=4)
+    base = QuantizeConfig(nsamples=64, val_samples=8, gptq_samples=32, seqlen=256, train=train,
+                          qk_steps=200)
+    return base.replace(**changes)
+
+
+def gpu_preset(**changes) -> QuantizeConfig:
+    """Budget for one GPU on a small model (minutes for SmolLM2-135M)."""
+    train = TrainConfig(epochs=10, batch_size=32, micro_batch_size=8)
+    base = QuantizeConfig(nsamples=256, val_samples=32, gptq_samples=128, seqlen=2048, train=train,
+                          qk_steps=1000)
+    return base.replace(**changes)
+
+
+def paper_preset(**changes) -> QuantizeConfig:
+    """The paper's recipe (method §6, §9): 4096 x 4096 tokens, batch 64, 20 epochs, g128."""
+    train = TrainConfig(epochs=20, batch_size=64, micro_batch_size=4)
+    base = QuantizeConfig(nsamples=4096, val_samples=128, gptq_samples=512, seqlen=4096, train=train,
+                          qk_steps=2000)
+    return base.replace(**changes)
+
+
+PRESETS = {"cpu": cpu_preset, "gpu": gpu_preset, "paper": paper_preset}

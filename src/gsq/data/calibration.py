@@ -1,0 +1,236 @@
+"""Calibration text: where it comes from, how it becomes token windows.
+
+The pipeline is `load_calibration_text` (a file, a folder of `.txt` files, the bundled book, or a
+Hugging Face dataset) -> `tokenize_text` (the whole text once, one 1-D token stream) ->
+`cut_windows` (non-overlapping `seqlen`-token chunks, shuffled with a seed and dealt out to disjoint
+splits such as train / val / gptq).
+
+`tokenize_text` is also what the evaluation code uses, so calibration and evaluation tokenize text
+the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gsq.errors import GSQError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_TEXT = "pg1342.txt"  # Pride and Prejudice, see data/bundled/README.md
+DEFAULT_MAX_CHARS = 20_000_000  # ~5M tokens: far more than any calibration run needs
+TOKENIZE_CHUNK_CHARS = 1_000_000  # fast tokenizers slow down badly on single huge strings
+
+
+@dataclass(frozen=True)
+class _DatasetSpec:
+    """How to stream one known Hugging Face dataset."""
+
+    path: str
+    name: str
+    split: str
+    shuffle: bool  # shuffle with a seeded buffer (for corpora stored in a meaningful order)
+    separator: str  # what goes between documents
+
+
+# Known dataset names for `--calib`. All of them are training splits: calibration text must never
+# overlap the evaluation text (WikiText-2 *test*).
+KNOWN_DATASETS: dict[str, _DatasetSpec] = {
+    "fineweb-edu": _DatasetSpec("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True, "\n\n"),
+    "c4": _DatasetSpec("allenai/c4", "en", "train", False, "\n\n"),
+    # WikiText rows are single lines that already end with "\n" (or are empty): joining them with
+    # "" rebuilds the raw training file.
+    "wikitext": _DatasetSpec("Salesforce/wikitext", "wikitext-2-raw-v1", "train", False, ""),
+}
+_SHUFFLE_BUFFER = 10_000
+
+
+# --------------------------------------------------------------------------------------------
+# Plain text files
+
+
+def read_text(path: str | Path) -> str:
+    """Read a UTF-8 text file, or all `*.txt` files of a folder (sorted by name, joined by a blank
+    line). Line endings are normalised to "\\n" (Python's universal newlines)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise GSQError(f"calibration path '{path}' does not exist")
+    if path.is_dir():
+        parts = sorted(path.glob("*.txt"), key=lambda p: p.name)
+        if not parts:
+            raise GSQError(f"calibration folder '{path}' contains no .txt files")
+        text = "\n\n".join(_read_one(p) for p in parts)
+        log.info("read %d text files (%s chars) from %s", len(parts), f"{len(text):,}", path)
+    else:
+        text = _read_one(path)
+    if not text.strip():
+        raise GSQError(f"calibration text '{path}' is empty")
+    return text
+
+
+def _read_one(path: Path) -> str:
+    try:
+        # utf-8-sig: plain UTF-8, minus a leading byte-order mark if an editor wrote one.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GSQError(f"calibration file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:
+        raise GSQError(f"cannot read calibration file '{path}': {e.strerror or e}")
+
+
+def bundled_text_path() -> Path:
+    """Path of the bundled default calibration book (package data)."""
+    resource = files("gsq.data").joinpath("bundled", BUNDLED_TEXT)
+    # gsq is always installed as plain files (never zipped), so the resource is a real path.
+    return Path(str(resource))
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a source
+
+
+def load_calibration_text(source: str | None, max_chars: int = DEFAULT_MAX_CHARS) -> str:
+    """Calibration text from `source`.
+
+    None -> the bundled book; an existing file or folder -> `read_text`; one of `KNOWN_DATASETS`
+    -> up to about `max_chars` characters of that Hugging Face dataset (needs `datasets`).
+    """
+    if source is None:
+        return read_text(bundled_text_path())
+    if Path(source).expanduser().exists():
+        return read_text(source)
+    if source in KNOWN_DATASETS:
+        return _load_dataset_text(source, max_chars)
+    known = ", ".join(KNOWN_DATASETS)
+    raise GSQError(
+        f"calibration source '{source}' is neither a file/folder nor a known dataset ({known})"
+    )
+
+
+def _load_dataset_text(name: str, max_chars: int) -> str:
+    """Stream documents of a known dataset until `max_chars` characters are collected."""
+    if max_chars <= 0:
+        raise GSQError(f"max_chars must be positive, got {max_chars}")
+    spec = KNOWN_DATASETS[name]
+    datasets = _import_datasets()
+    log.info("streaming calibration text from %s (%s, %s split)", spec.path, spec.name, spec.split)
+    docs: list[str] = []
+    total = 0
+    try:
+        stream = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True)
+        if spec.shuffle:
+            stream = stream.shuffle(seed=0, buffer_size=_SHUFFLE_BUFFER)
+        for row in stream:
+            doc = row["text"]
+            if not doc.strip():
+                continue
+            docs.append(doc)
+            total += len(doc) + len(spec.separator)
+            if total >= max_chars:
+                break
+    except Exception as e:  # network, auth, schema: all mean "could not get the data"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GSQError(f"cannot download calibration dataset '{name}' ({spec.path}): {reason}")
+    if not docs:
+        raise GSQError(f"calibration dataset '{name}' ({spec.path}) returned no text")
+    text = spec.separator.join(docs)
+    log.info("collected %d documents, %s chars", len(docs), f"{len(text):,}")
+    return text
+
+
+def _import_datasets() -> Any:
+    try:
+        return importlib.import_module("datasets")
+    except ImportError:
+        raise GSQError(
+            "calibration from a Hugging Face dataset needs the 'datasets' package: "
+            "pip install datasets (or pip install 'gsq[datasets]')"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Tokenize the whole text once, without special tokens (no BOS/EOS).
+
+    Returns a 1-D LongTensor [n_tokens]. Long texts are tokenized in ~1 MB pieces split right after
+    a newline that is followed by a non-space character: byte-level BPE pre-tokenizers never merge
+    across such a point, so the result equals tokenizing the text in one call, only faster.
+    """
+    ids: list[int] = []
+    for piece in _split_for_tokenizer(text, TOKENIZE_CHUNK_CHARS):
+        # verbose=False: silence the "sequence longer than model_max_length" warning, irrelevant
+        # here because the stream is cut into windows afterwards.
+        enc = tokenizer(piece, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        ids.extend(enc["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _split_for_tokenizer(text: str, chunk_chars: int) -> list[str]:
+    """Cut `text` into pieces of about `chunk_chars` chars at safe newline boundaries."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > chunk_chars:
+        cut = _safe_cut(text, start + chunk_chars)
+        if cut is None:  # no safe boundary after this point: keep the rest whole
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _safe_cut(text: str, lo: int) -> int | None:
+    """First index >= lo just after a "\\n" whose next character is not whitespace."""
+    pos = text.find("\n", lo - 1)
+    while pos != -1:
+        nxt = pos + 1
+        if nxt < len(text) and not text[nxt].isspace():
+            return nxt
+        pos = text.find("\n", nxt)
+    return None
+
+
+def cut_windows(
+    tokens: torch.Tensor, counts: dict[str, int], seqlen: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Deal disjoint `seqlen`-token windows of a token stream out to named splits.
+
+    tokens: LongTensor [N]. The stream is cut into floor(N / seqlen) non-overlapping chunks (the
+    tail is dropped), the chunks are shuffled with `seed`, and consecutive runs of the shuffled
+    order go to the splits in dict order. Returns {split: LongTensor [counts[split], seqlen]}.
+    """
+    if tokens.dim() != 1:
+        raise GSQError(f"token stream must be 1-D, got shape {tuple(tokens.shape)}")
+    if seqlen < 2:
+        raise GSQError(f"window length must be at least 2 tokens, got {seqlen}")
+    for split, n in counts.items():
+        if n < 0:
+            raise GSQError(f"number of '{split}' windows must not be negative, got {n}")
+
+    n_chunks = tokens.numel() // seqlen
+    need = sum(counts.values())
+    if need > n_chunks:
+        detail = " + ".join(f"{split} {n}" for split, n in counts.items())
+        raise GSQError(
+            f"calibration text has {tokens.numel():,} tokens = {n_chunks:,} windows of {seqlen}; "
+            f"need {need:,} ({detail})"
+        )
+
+    chunks = tokens[: n_chunks * seqlen].view(n_chunks, seqlen)  # [n_chunks, seqlen]
+    order = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(seed))
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for split, n in counts.items():
+        out[split] = chunks[order[start : start + n]].clone()  # [n, seqlen]
+        start += n
+    return out

