@@ -1,0 +1,23 @@
+"""gsq: Gumbel-Softmax Quantization (GSQ) of LLM weights to 2/3/4-bit and ternary scalar grids.
+
+Public surface:
+    quantize(model_source, config, calib=None, out=None, device="cpu") -> QuantizeResult
+    QuantizeConfig, TrainConfig, InitConfig, QuantSpec, QuantizedWeight
+    cpu_preset(), gpu_preset(), paper_preset()
+    load_quantized(path) -> (model, tokenizer, records)
+"""
+
+from gsq.api import QuantizeResult, quantize
+from gsq.config import PRESETS, QuantizeConfig, cpu_preset, gpu_preset, paper_preset
+from gsq.errors import GSQError
+from gsq.io.quantized_dir import load_quantized
+from gsq.quant.quantizers import InitConfig
+from gsq.quant.trainer import TrainConfig
+from gsq.quant.types import QuantizedWeight, QuantSpec
+
+__all__ = [
+    "PRESETS", "GSQError", "InitConfig", "QuantSpec", "QuantizeConfig", "QuantizeResult",
+    "QuantizedWeight", "TrainConfig", "cpu_preset", "gpu_preset", "load_quantized",
+    "paper_preset", "quantize",
+]
+__version__ = "0.1.0"

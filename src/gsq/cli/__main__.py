@@ -1,0 +1,199 @@
+"""`gsq quantize | eval | demo`: argument parsing that builds configs and calls the library.
+
+Every user-input problem ends as one line `gsq: error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gsq.errors import GSQError
+
+log = logging.getLogger("gsq")
+
+
+def _bits(value: str):
+    from gsq.quant.types import parse_bits
+
+    try:
+        return parse_bits(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return number
+
+
+def _override(value: str) -> tuple[str, str]:
+    pattern, sep, bits = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=BITS; got {value!r}")
+    _bits(bits)
+    return pattern, bits
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face id or directory, a .gguf file, or 'smollm2-demo'")
+    p.add_argument("--method", choices=("gsq", "gptq", "rtn"), default="gsq")
+    p.add_argument("--bits", type=_bits, default=2, help="2, 3, 4 or ternary")
+    p.add_argument("--group-size", type=_positive, default=128)
+    p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
+                   help="budget defaults that the flags below override (default: cpu)")
+    p.add_argument("--calib", default=None,
+                   help="text file or folder, or fineweb-edu / c4 / wikitext (default: bundled book)")
+    p.add_argument("--nsamples", type=_positive, help="training sequences")
+    p.add_argument("--val-samples", type=_positive, help="held-out calibration sequences")
+    p.add_argument("--gptq-samples", type=_positive, help="sequences for GPTQ Hessians")
+    p.add_argument("--seqlen", type=_positive, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=_positive, help="sequences per optimiser step")
+    p.add_argument("--micro-batch-size", type=_positive, help="sequences per forward (fresh noise)")
+    p.add_argument("--epochs", type=int, help="epochs per stage")
+    p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
+    p.add_argument("--logit-lr", type=float)
+    p.add_argument("--scale-lr", type=float)
+    p.add_argument("--logit-travel", type=float,
+                   help="budget-aware logit lr: raise lr so a logit can move this far (0 = off)")
+    p.add_argument("--no-keep-best", action="store_true",
+                   help="keep the last epoch even if the held-out loss rose (reference behaviour)")
+    p.add_argument("--scope", choices=("all", "mlp-only"), default="all")
+    p.add_argument("--init", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="keep modules matching this fnmatch pattern in full precision")
+    p.add_argument("--bits-override", action="append", default=[], type=_override,
+                   metavar="PATTERN=BITS", help="per-module bit-width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-blocks", type=_positive, help="quantize only the first N blocks")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def build_config(args: argparse.Namespace):
+    """QuantizeConfig from the preset plus the flags given."""
+    import dataclasses
+
+    from gsq.config import PRESETS
+
+    base = PRESETS[args.preset]()
+    train_changes = {k: v for k, v in {
+        "epochs": args.epochs, "batch_size": args.batch_size,
+        "micro_batch_size": args.micro_batch_size, "logit_lr": args.logit_lr,
+        "scale_lr": args.scale_lr}.items() if v is not None}
+    if args.logit_travel is not None:
+        train_changes["logit_travel"] = args.logit_travel or None
+    if args.no_keep_best:
+        train_changes["keep_best"] = False
+    changes = {k: v for k, v in {
+        "nsamples": args.nsamples, "val_samples": args.val_samples,
+        "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
+        "max_blocks": args.max_blocks}.items() if v is not None}
+    try:
+        return base.replace(
+            method=args.method, bits=args.bits, group_size=args.group_size, init=args.init,
+            scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
+            seed=args.seed, train=dataclasses.replace(base.train, **train_changes), **changes)
+    except ValueError as err:
+        raise GSQError(str(err)) from err
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gsq.api import quantize
+
+    cfg = build_config(args)
+    result = quantize(args.model, cfg, calib=args.calib, out=args.out, device=args.device,
+                      progress=not args.quiet, overwrite=args.overwrite)
+    r = result.report
+    print(f"quantized {r['quantized_tensors']} tensors of {r['blocks_quantized']}/{r['blocks_total']} "
+          f"blocks with {cfg.method} {cfg.bits}-bit g{cfg.group_size}: {r['bpp']:.3f} bpp, "
+          f"{r['wall_seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a gsq quantized directory or any model gsq quantize accepts")
+    p.add_argument("--text", required=True, help="evaluation text file (e.g. WikiText-2 test)")
+    p.add_argument("--seqlen", type=_positive, default=2048)
+    p.add_argument("--max-tokens", type=_positive, default=None)
+    p.add_argument("--base", default=None, help="base model for KL divergence and top-1 agreement")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="write the result as JSON here")
+
+
+def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
+             base: str | None, device: str, progress: bool) -> dict:
+    from gsq.api import load_any_model, resolve_device
+    from gsq.data.calibration import read_text, tokenize_text
+    from gsq.eval.kl import compare_with_base
+    from gsq.eval.perplexity import perplexity
+
+    dev = resolve_device(device)
+    model, tokenizer = load_any_model(model_source, device=str(dev))
+    tokens = tokenize_text(tokenizer, read_text(text))
+    if base is None:
+        return perplexity(model, tokens, seqlen, max_tokens, device=str(dev), progress=progress)
+    base_model, _ = load_any_model(base, device=str(dev))
+    return compare_with_base(model, base_model, tokens, seqlen, max_tokens, device=str(dev))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate(args.model, args.text, args.seqlen, args.max_tokens, args.base, args.device,
+                      not args.quiet)
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gsq.demo import run_demo
+
+    run_demo(bits=args.bits, group_size=args.group_size, text=args.text, max_tokens=args.max_tokens,
+             max_blocks=args.max_blocks, out_dir=args.out_dir, device=args.device,
+             progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gsq", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize_args(sub.add_parser("quantize", help="quantize a model"))
+    _add_eval_args(sub.add_parser("eval", help="perplexity, KL and top-1 agreement"))
+    demo = sub.add_parser("demo", help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; print a table")
+    demo.add_argument("--bits", type=_bits, default=2)
+    demo.add_argument("--group-size", type=_positive, default=64)
+    demo.add_argument("--text", required=True, help="evaluation text (e.g. WikiText-2 test)")
+    demo.add_argument("--max-tokens", type=_positive, default=16384)
+    demo.add_argument("--max-blocks", type=_positive, default=None)
+    demo.add_argument("--out-dir", default="runs/demo")
+    demo.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except GSQError as err:
+        print(f"gsq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gsq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

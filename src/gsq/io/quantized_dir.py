@@ -1,0 +1,139 @@
+"""The quantized-model directory: what `gsq quantize` writes and `gsq eval` / transformers read.
+
+Layout:
+  config.json, model.safetensors, tokenizer files   a plain Hugging Face checkpoint whose quantized
+                                                    linears hold the dequantized weights W_r = s·codes
+  gsq_codes.safetensors                             "<module>.codes" int8 (out, in) and
+                                                    "<module>.scale" bfloat16 (out, in / group_size)
+  gsq_config.json                                   format version, the run's config, and per module:
+                                                    bits, group size, shape
+  report.json                                       per block/stage losses and times; totals
+The directory is written under a temporary name next to the target and renamed at the end, so an
+interrupted or failed run leaves nothing at the target path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gsq.errors import GSQError
+from gsq.quant.types import QuantizedWeight, QuantSpec, parse_bits
+
+FORMAT_NAME = "gsq-quantized"
+FORMAT_VERSION = 1
+CODES_FILE = "gsq_codes.safetensors"
+META_FILE = "gsq_config.json"
+REPORT_FILE = "report.json"
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def check_output_path(out: str | Path, overwrite: bool = False) -> Path:
+    """Fail early if `out` exists (unless overwrite) or its parent cannot be written."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GSQError(f"output path '{out}' already exists (pass --overwrite to replace it)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise GSQError(f"output folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GSQError(f"output folder '{parent}' is not writable")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds."""
+    out = check_output_path(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, qw in records.items():
+        tensors[f"{name}.codes"] = qw.codes.to(torch.int8).contiguous().cpu()
+        tensors[f"{name}.scale"] = qw.scale.to(torch.bfloat16).contiguous().cpu()  # exact: bf16 grid
+    return tensors
+
+
+def save_quantized(out: str | Path, model: nn.Module, tokenizer, records: dict[str, QuantizedWeight],
+                   config: dict, report: dict, overwrite: bool = False) -> Path:
+    """Write the quantized model directory atomically (see module docstring)."""
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "modules": {name: {"bits": qw.spec.bits, "group_size": qw.spec.group_size,
+                           "shape": list(qw.shape)} for name, qw in records.items()},
+    }
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(_records_to_tensors(records), str(tmp / CODES_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return Path(out)
+
+
+def load_records(path: str | Path) -> dict[str, QuantizedWeight]:
+    """The codes and scales of every quantized module in a gsq directory."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        tensors = load_file(str(path / CODES_FILE))
+    except (OSError, ValueError) as err:
+        raise GSQError(f"cannot read gsq quantized directory '{path}': {err}") from err
+    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        raise GSQError(f"'{path}' is not a gsq quantized directory of format version {FORMAT_VERSION}")
+    records = {}
+    for name, info in meta["modules"].items():
+        spec = QuantSpec(parse_bits(info["bits"]), int(info["group_size"]))
+        records[name] = QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"].float(),
+                                        spec)
+    return records
+
+
+def apply_records(model: nn.Module, records: dict[str, QuantizedWeight]) -> None:
+    """Overwrite each quantized linear's weight with its exact dequantized value s·codes."""
+    for name, qw in records.items():
+        weight = model.get_submodule(name).weight
+        if tuple(weight.shape) != qw.shape:
+            raise GSQError(f"shape mismatch for {name}: model {tuple(weight.shape)}, codes {qw.shape}")
+        with torch.no_grad():
+            weight.copy_(qw.dequantize(weight.dtype))
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a gsq directory with transformers and rebuild the quantized weights from the codes.
+
+    Returns (model, tokenizer, records).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = load_records(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    apply_records(model, records)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model.eval().requires_grad_(False)
+    return model.to(device), tokenizer, records
