@@ -36,6 +36,7 @@ from gsq.quant.types import QuantizedWeight, QuantSpec
 log = logging.getLogger(__name__)
 
 _STAGE_IDS = {"qk": 1, "vo": 2, "mlp": 3}
+QK_EVALS = 10  # held-out checks (best-step candidates) over a Q/K stage
 
 
 @dataclass
@@ -116,14 +117,17 @@ def _quantizers(init: dict[str, QuantizedWeight], cfg: QuantizeConfig, seed: int
 def _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress) -> tuple[dict, list]:
     """Q/K stage: each linear alone on tr(ΔW H ΔWᵀ), validated on the val buffer's Hessian."""
     H_val = _hessians(bc, adapter, list(init), bufs.val, cfg.train.micro_batch_size)
-    qk_cfg = TrainConfig(epochs=cfg.qk_steps, batch_size=1, micro_batch_size=1,
+    # Every step is full-batch; the held-out loss is checked QK_EVALS times over the run.
+    evals = max(1, min(QK_EVALS, cfg.qk_steps))
+    qk_cfg = TrainConfig(epochs=evals if cfg.qk_steps else 0, batch_size=1, micro_batch_size=1,
                          logit_lr=cfg.train.logit_lr, scale_lr=cfg.train.scale_lr,
                          weight_decay=cfg.train.weight_decay, betas=cfg.train.betas, cosine=False,
                          tau=cfg.train.tau, kappa=cfg.train.kappa,
                          logit_travel=cfg.train.logit_travel, keep_best=cfg.train.keep_best)
     results, runs = {}, []
     for qi, (name, qw) in enumerate(init.items()):
-        objective = QuadraticObjective(name, bc.W_f[name], H[name], H_val[name])
+        objective = QuadraticObjective(name, bc.W_f[name], H[name], H_val[name],
+                                       steps_per_epoch=max(1, cfg.qk_steps // evals))
         quantizers = _quantizers({name: qw}, cfg, derive_seed(seed, qi))
         run = train_quantizers(quantizers, objective, qk_cfg, derive_seed(seed, qi), progress,
                                desc=f"block {bc.index} {name}")

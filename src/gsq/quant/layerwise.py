@@ -19,9 +19,11 @@ def quadratic_error(W_q: Tensor, W_f: Tensor, H: Tensor) -> Tensor:
 class QuadraticObjective:
     """Objective over one linear `name`: train on H_train, validate on H_val (held-out inputs)."""
 
-    n_train = 1  # the whole calibration set is one "sample": every step is a full batch
-
-    def __init__(self, name: str, W_f: Tensor, H_train: Tensor, H_val: Tensor) -> None:
+    def __init__(self, name: str, W_f: Tensor, H_train: Tensor, H_val: Tensor,
+                 steps_per_epoch: int = 1) -> None:
+        # Every step sees the whole calibration set through H ("full batch"); an "epoch" is
+        # `steps_per_epoch` such steps, after which the trainer checks the held-out loss.
+        self.n_train = steps_per_epoch
         self.name = name
         self.W_f = W_f.detach().float()
         self.H_train, self.H_val = H_train.float(), H_val.float()

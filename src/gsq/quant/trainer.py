@@ -140,7 +140,7 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss at step {step}")
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             opt.step()
             losses.append(total)
             step += 1
