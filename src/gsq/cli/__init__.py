@@ -1,1 +1,1 @@
-
+"""Command-line interface (`gsq ...`, or `python -m gsq.cli ...`)."""
