@@ -162,21 +162,41 @@ def _import_datasets() -> Any:
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     """Tokenize the whole text once, without special tokens (no BOS/EOS).
 
-    Returns a 1-D LongTensor [n_tokens]. Long texts are tokenized in ~1 MB pieces split right after
-    a newline that is followed by a non-space character: byte-level BPE pre-tokenizers never merge
-    across such a point, so the result equals tokenizing the text in one call, only faster.
+    Returns a 1-D LongTensor [n_tokens]. Texts over ~1 MB are tokenized in pieces cut at line
+    breaks where regex pre-tokenizers (GPT-2, Llama-3, Qwen style) always end a pre-token, so the
+    ids equal those of a single call; a tokenizer for which a quick probe shows otherwise (e.g. one
+    that prepends a space to every input) gets the text in a single call.
     """
+    pieces = _split_for_tokenizer(text, TOKENIZE_CHUNK_CHARS)
+    if len(pieces) > 1 and not _piecewise_is_exact(tokenizer):
+        log.debug("tokenizer is not exact piecewise; tokenizing %s chars at once", f"{len(text):,}")
+        pieces = [text]
     ids: list[int] = []
-    for piece in _split_for_tokenizer(text, TOKENIZE_CHUNK_CHARS):
-        # verbose=False: silence the "sequence longer than model_max_length" warning, irrelevant
-        # here because the stream is cut into windows afterwards.
-        enc = tokenizer(piece, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        ids.extend(enc["input_ids"])
+    for piece in pieces:
+        ids.extend(_encode(tokenizer, piece))
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # verbose=False: silence the "sequence longer than model_max_length" warning, irrelevant here
+    # because the stream is cut into windows afterwards.
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return list(enc["input_ids"])
+
+
+# Has both kinds of cut `_safe_cut` makes: "line.\n|Second" and "12 \n| third".
+_PROBE = "First line.\nSecond line 12 \n third line\n\nFourth.\n"
+
+
+def _piecewise_is_exact(tokenizer: Any) -> bool:
+    """Does tokenizing _PROBE in pieces at the safe cuts give the ids of one call?"""
+    whole = _encode(tokenizer, _PROBE)
+    pieces = _split_for_tokenizer(_PROBE, 1)  # every safe cut: 3 pieces
+    return whole == [i for piece in pieces for i in _encode(tokenizer, piece)]
+
+
 def _split_for_tokenizer(text: str, chunk_chars: int) -> list[str]:
-    """Cut `text` into pieces of about `chunk_chars` chars at safe newline boundaries."""
+    """Cut `text` into pieces of about `chunk_chars` chars at safe line breaks (`_safe_cut`)."""
     pieces: list[str] = []
     start = 0
     while len(text) - start > chunk_chars:
@@ -190,13 +210,21 @@ def _split_for_tokenizer(text: str, chunk_chars: int) -> list[str]:
 
 
 def _safe_cut(text: str, lo: int) -> int | None:
-    """First index >= lo just after a "\\n" whose next character is not whitespace."""
-    pos = text.find("\n", lo - 1)
-    while pos != -1:
-        nxt = pos + 1
-        if nxt < len(text) and not text[nxt].isspace():
-            return nxt
-        pos = text.find("\n", nxt)
+    """First index i >= lo right after a "\\n" where a pre-token always ends: either
+    "x\\n|y" (x, y not whitespace: a lone newline) or "\\n| y" (one space, then a non-space).
+
+    In those places every common regex pre-tokenizer ends a pre-token at i whether or not the text
+    continues, and pre-tokens from i on do not depend on what came before (the regexes have no
+    look-behind).
+    """
+    pos = text.find("\n", max(lo - 1, 1))
+    while pos != -1 and pos + 2 < len(text):
+        a, b, c = text[pos - 1], text[pos + 1], text[pos + 2]
+        if not b.isspace() and not a.isspace():
+            return pos + 1
+        if b == " " and not c.isspace():
+            return pos + 1
+        pos = text.find("\n", pos + 1)
     return None
 
 
