@@ -53,11 +53,17 @@ def load_any_model(source: str, dtype: torch.dtype = torch.float32, device: str 
     return load_base_model(resolve_model_source(source), dtype=dtype, device=device)
 
 
-def calibration_windows(tokenizer, calib: str | None, cfg: QuantizeConfig) -> dict[str, torch.Tensor]:
-    """Tokenize the calibration text once and cut seeded, disjoint train/val/gptq windows."""
-    from gsq.data.calibration import cut_windows, load_calibration_text, tokenize_text
+def calibration_tokens(tokenizer, calib: str | None) -> torch.Tensor:
+    """The calibration text (file, folder, dataset name, or the bundled book) tokenized once."""
+    from gsq.data.calibration import load_calibration_text, tokenize_text
 
-    tokens = tokenize_text(tokenizer, load_calibration_text(calib))
+    return tokenize_text(tokenizer, load_calibration_text(calib))
+
+
+def calibration_windows(tokens: torch.Tensor, cfg: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """Seeded, disjoint train/val/gptq windows `(n, seqlen)` cut from the token stream."""
+    from gsq.data.calibration import cut_windows
+
     counts = {"train": cfg.nsamples, "val": cfg.val_samples, "gptq": cfg.gptq_samples}
     return cut_windows(tokens, counts, cfg.seqlen, cfg.seed)
 
@@ -69,12 +75,51 @@ def bits_per_parameter(records: dict[str, QuantizedWeight]) -> float:
     return bits / numel if numel else float("nan")
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart peak-memory tracking (host: Linux's VmHWM via /proc/self/clear_refs; CUDA stats)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak host RSS (GiB) of this process, and peak CUDA allocation when on a GPU."""
-    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    """Peak host RSS (GiB) of this process since the last reset, and peak CUDA allocation."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_host_rss_gib": kib / 2**20}
     if device.type == "cuda":
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
+                   calib_tokens: torch.Tensor, device: torch.device,
+                   progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize an in-memory model in place; returns (records, report with totals)."""
+    t0 = time.perf_counter()
+    reset_peak_memory(device)
+    adapter = adapter_for(model.config.model_type)
+    windows = calibration_windows(calib_tokens, cfg)
+    records, report = run_quantization(model, adapter, windows, cfg, device, progress)
+    model.to("cpu")
+    report.update({
+        "method": cfg.method,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "quantized_tensors": len(records),
+        "quantized_weights": sum(qw.codes.numel() for qw in records.values()),
+        "bpp": bits_per_parameter(records),
+        "quantize_seconds": time.perf_counter() - t0,
+        "device": str(device),
+        **peak_memory(device),
+    })
+    return records, report
 
 
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
@@ -86,23 +131,10 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     if out is not None:
         check_output_path(out, overwrite)
     model, tokenizer = load_any_model(model_source)
-    adapter = adapter_for(model.config.model_type)
-    windows = calibration_windows(tokenizer, calib, cfg)
-    torch.manual_seed(cfg.seed)  # no code path should draw from it; a guard for third-party code
-    records, report = run_quantization(model, adapter, windows, cfg, dev, progress)
-    model.to("cpu")
-    report.update({
-        "model": model_source,
-        "method": cfg.method,
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "quantized_tensors": len(records),
-        "quantized_weights": sum(qw.codes.numel() for qw in records.values()),
-        "bpp": bits_per_parameter(records),
-        "wall_seconds": time.perf_counter() - t0,
-        "device": str(dev),
-        **peak_memory(dev),
-    })
+    adapter_for(model.config.model_type)  # fail on an unsupported architecture before tokenizing
+    tokens = calibration_tokens(tokenizer, calib)
+    records, report = quantize_model(model, tokenizer, cfg, tokens, dev, progress)
+    report.update({"model": model_source, "wall_seconds": time.perf_counter() - t0})
     if out is not None:
         save_quantized(out, model, tokenizer, records, cfg.to_dict(), report, overwrite)
     return QuantizeResult(model, tokenizer, records, report, Path(out) if out else None)

@@ -26,29 +26,36 @@ def round_to_grid(x: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
     return torch.clamp(torch.round(x / scale), spec.qmin, spec.qmax)
 
 
-def search_group_scales(x: Tensor, spec: QuantSpec) -> Tensor:
+def _candidate_scales(xmax: Tensor, spec: QuantSpec) -> Tensor:
+    """`(C, rows, n_groups)` bf16-rounded candidates ±2p·max|x|/(levels-1), p in SHRINK_FACTORS."""
+    p = torch.tensor(SHRINK_FACTORS, dtype=torch.float32, device=xmax.device)
+    signs = (1.0, -1.0) if spec.qmin != -spec.qmax else (1.0,)  # symmetric grids need one sign
+    # order p=1.00(+), 1.00(-), 0.99(+), ...: the search keeps the first best candidate
+    factors = torch.stack([sign * 2.0 * p / (spec.levels - 1) for sign in signs], 1).flatten()
+    return to_bf16_grid(factors.view(-1, 1, 1) * xmax.unsqueeze(0))
+
+
+def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**25) -> Tensor:
     """Signed MSE-shrink scale search for groups `x` of shape `(rows, n_groups, g)`.
 
     For p in SHRINK_FACTORS and both signs, s = ±2p·max|x| / (levels - 1); keep the s with the least
-    sum |s·q - x|^2.4. A negative s flips the asymmetric 2-bit grid {-2..1} to {-1..2}. All-zero
-    groups use max|x| = 1 so that the scale stays finite and non-zero (pitfall P3).
-    Returns fp32 scales `(rows, n_groups)` rounded to bfloat16.
+    sum |s·q - x|^2.4 (the first on ties, in the order p = 1.00 → 0.21, + before -). A negative s
+    flips the asymmetric 2-bit grid {-2..1} to {-1..2}. All-zero groups use max|x| = 1 so the scale
+    stays finite and non-zero (pitfall P3). Candidates are evaluated in chunks of at most
+    `max_elements` values at once (no host sync). Returns fp32 scales `(rows, n_groups)` on the
+    bfloat16 grid.
     """
     x = x.float()
     xmax = x.abs().amax(dim=-1)
     xmax = torch.where(xmax > 0, xmax, torch.ones_like(xmax))
-    best_err = torch.full_like(xmax, float("inf"))
-    best_scale = torch.zeros_like(xmax)
-    signs = (1.0, -1.0) if spec.qmin != -spec.qmax else (1.0,)  # symmetric grids need one sign
-    for p in SHRINK_FACTORS:
-        for sign in signs:
-            s = to_bf16_grid(sign * 2.0 * p * xmax / (spec.levels - 1))
-            q = round_to_grid(x, s.unsqueeze(-1), spec)
-            err = (s.unsqueeze(-1) * q - x).abs().pow(SEARCH_NORM).sum(dim=-1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, s, best_scale)
-    return best_scale
+    candidates = _candidate_scales(xmax, spec)  # (C, rows, n_groups)
+    chunk = max(1, max_elements // max(x.numel(), 1))
+    errors = []
+    for cand in candidates.split(chunk):
+        q = round_to_grid(x.unsqueeze(0), cand.unsqueeze(-1), spec)  # (c, rows, n_groups, g)
+        errors.append((cand.unsqueeze(-1) * q - x.unsqueeze(0)).abs().pow(SEARCH_NORM).sum(-1))
+    best = torch.cat(errors).argmin(dim=0, keepdim=True)  # (1, rows, n_groups), first minimum
+    return candidates.gather(0, best).squeeze(0)
 
 
 def group_view(W: Tensor, group_size: int) -> Tensor:

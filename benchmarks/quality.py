@@ -1,0 +1,119 @@
+"""Quality table: RTN / GPTQ / GSQ on one model, same calibration set, group size and seed.
+
+Rows (pick with --rows): "main" = RTN, GPTQ, GSQ at each --bits with the --preset budget, all linears
+of every block; "reference" = GPTQ and GSQ, MLP only, at the budget the authors' reference code was
+measured with (method spec §21: 256 train + 32 val + 128 GPTQ sequences of 2048 tokens, batch 32,
+micro-batch 8, 10 epochs = 80 Lion steps per block), 2 and 3 bit.
+Columns: WikiText-2 perplexity, KL(base || quantized) and top-1 agreement (first --max-tokens tokens,
+windows of --seqlen, fp32), bpp, quantize wall time, peak host RSS and CUDA memory.
+
+    python benchmarks/quality.py --device cuda --bits 4 3 2 ternary --rows main reference \
+        --json benchmarks/results/quality-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from gsq.api import calibration_tokens, load_any_model, quantize_model, resolve_device
+from gsq.config import PRESETS, QuantizeConfig
+from gsq.data.calibration import read_text, tokenize_text
+from gsq.demo import format_table
+from gsq.eval.kl import compare_with_base
+from gsq.quant.trainer import TrainConfig
+from gsq.quant.types import parse_bits
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def reference_budget(**changes) -> QuantizeConfig:
+    """The budget of the reference-code measurement (method §21), MLP only."""
+    train = TrainConfig(epochs=10, batch_size=32, micro_batch_size=8)
+    return QuantizeConfig(scope="mlp-only", nsamples=256, val_samples=32, gptq_samples=128,
+                          seqlen=2048, train=train, **changes)
+
+
+def planned_rows(args) -> list[tuple[str, QuantizeConfig]]:
+    rows = []
+    common = {"group_size": args.group_size, "seed": args.seed, "max_blocks": args.max_blocks}
+    for bits in args.bits:
+        if "main" in args.rows:
+            for method in args.methods:
+                cfg = PRESETS[args.preset](method=method, bits=bits, **common)
+                rows.append((f"{method.upper()} {bits}-bit ({args.preset} preset)", cfg))
+        if "reference" in args.rows and bits in (2, 3):
+            for method in ("gptq", "gsq"):
+                if method in args.methods:
+                    cfg = reference_budget(method=method, bits=bits, **common)
+                    rows.append((f"{method.upper()} {bits}-bit MLP-only (ref. budget)", cfg))
+    return rows
+
+
+def run_row(name, cfg, base_model, tokenizer, calib, eval_tokens, args, device) -> dict:
+    model = copy.deepcopy(base_model)
+    records, report = quantize_model(model, tokenizer, cfg, calib, device, progress=False)
+    metrics = compare_with_base(model.to(device), base_model.to(device), eval_tokens, args.seqlen,
+                                args.max_tokens, device=str(device))
+    kept = sum(k for b in report["blocks"] for s in b["stages"] for k in s.get("kept_init", []))
+    row = {"name": name, **metrics, "bpp": report["bpp"], "seconds": report["quantize_seconds"],
+           "peak_gib": report["peak_host_rss_gib"], "peak_cuda_gib": report.get("peak_cuda_gib"),
+           "stage_runs_kept_init": kept, "config": cfg.to_dict()}
+    del model
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-demo")
+    p.add_argument("--calib", default=str(SHARED / "calib"))
+    p.add_argument("--text", default=str(SHARED / "wikitext2-test.raw"))
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--bits", nargs="+", type=parse_bits, default=[4, 3, 2, "ternary"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "gsq"])
+    p.add_argument("--rows", nargs="+", default=["main", "reference"])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-blocks", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-base", action="store_true", help="skip the base-model row")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 evaluation and training, as on CPU
+    base_model, tokenizer = load_any_model(args.model)
+    calib = calibration_tokens(tokenizer, args.calib)
+    eval_tokens = tokenize_text(tokenizer, read_text(args.text))
+    rows = []
+    if not args.no_base:
+        base = compare_with_base(base_model.to(device), base_model.to(device), eval_tokens,
+                                 args.seqlen, args.max_tokens, device=str(device))
+        rows.append({"name": "base (fp32)", **base, "bpp": 32.0})
+    for name, cfg in planned_rows(args):
+        rows.append(run_row(name, cfg, base_model, tokenizer, calib, eval_tokens, args, device))
+        print(format_table(rows), flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "command": " ".join(sys.argv), "torch": torch.__version__}
+    print(format_table(rows))
+    print(json.dumps(meta))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
