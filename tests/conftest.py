@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random Llama built in-process and a byte-level tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 256
+TINY_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    """The suite targets 2-core machines; more threads only add overhead on these tiny shapes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    """A random 2-block Llama: hidden 64, intermediate 128, 4 heads, 2 kv heads, vocab 256 (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    kwargs.update(overrides)
+    config = LlamaConfig(**kwargs)
+    with torch.random.fork_rng():  # model init draws from the global RNG; keep it out of the tests
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval().requires_grad_(False)
+
+
+def build_byte_tokenizer():
+    """Byte-level BPE without merges: exactly 256 byte tokens, ids 0..255."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    assert len(alphabet) == TINY_VOCAB
+    bpe = models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[])
+    backend = Tokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.fixture
+def tiny_llama() -> Callable[..., torch.nn.Module]:
+    """Factory: `tiny_llama(seed=0, **config_overrides)` -> a fresh LlamaForCausalLM."""
+    return build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama plus the byte tokenizer saved with save_pretrained (read-only use)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(0).save_pretrained(path)
+    build_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def build_random_windows(counts: dict[str, int], seqlen: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token windows {split: (n, seqlen)} for the pipeline tests."""
+    gen = torch.Generator().manual_seed(seed)
+    return {split: torch.randint(0, TINY_VOCAB, (n, seqlen), generator=gen)
+            for split, n in counts.items()}
+
+
+@pytest.fixture
+def random_windows() -> Callable[..., dict[str, torch.Tensor]]:
+    """Factory: `random_windows({"train": 16, ...}, seqlen, seed=0)`."""
+    return build_random_windows
