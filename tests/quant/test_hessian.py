@@ -1,0 +1,42 @@
+"""Running-mean Hessian H = (2/n) Σ x xᵀ and its damping (method §2, §7)."""
+
+from __future__ import annotations
+
+import torch
+
+from gsq.quant.hessian import HessianAccumulator, damp_hessian
+
+
+def test_running_mean_equals_one_shot():
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 7, 16, generator=gen), torch.randn(1, 1, 16, generator=gen),
+               torch.randn(40, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)]
+    acc = HessianAccumulator(16)
+    for b in batches:
+        acc.add(b)
+    X = torch.cat([b.reshape(-1, 16) for b in batches]).double()
+    expected = 2.0 / X.shape[0] * X.T @ X
+    assert acc.n_samples == X.shape[0] == 21 + 1 + 40 + 10
+    assert acc.H.dtype == torch.float32
+    torch.testing.assert_close(acc.H.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulates_bf16_inputs_in_fp32():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    acc = HessianAccumulator(8)
+    acc.add(x)
+    xf = x.float()
+    torch.testing.assert_close(acc.H, 2.0 / 64 * xf.T @ xf, rtol=1e-5, atol=1e-6)
+
+
+def test_damping_and_dead_columns():
+    H = torch.diag(torch.tensor([2.0, 0.0, 4.0, 0.0]))
+    H[0, 2] = H[2, 0] = 1.0
+    H_d, dead = damp_hessian(H, percdamp=0.1)
+    assert dead.tolist() == [False, True, False, True]
+    # dead columns get H_ii = 1, then 0.1 * mean(diag) = 0.1 * (2 + 1 + 4 + 1) / 4 = 0.2 is added
+    assert torch.equal(torch.diag(H_d), torch.tensor([2.0, 1.0, 4.0, 1.0]) + torch.tensor(0.2))
+    off_diag = H_d - torch.diag(torch.diag(H_d))
+    assert torch.equal(off_diag, H - torch.diag(torch.diag(H)))  # only the diagonal changes
+    assert H_d[0, 2] == 1.0 and H_d[2, 0] == 1.0
+    assert H[1, 1] == 0.0  # the input is not modified
