@@ -142,29 +142,52 @@ def test_dataset_download_failure(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _CharTokenizer:
-    """Maps each character to its code point; records the pieces it was called with."""
+    """Maps each character to its code point; records the texts it was called with.
 
-    def __init__(self) -> None:
+    With `prefix`, every call starts with an extra id 0, like a SentencePiece tokenizer that
+    prepends a space to each input: then tokenizing in pieces is not exact.
+    """
+
+    def __init__(self, prefix: bool = False) -> None:
+        self.prefix = prefix
         self.calls: list[str] = []
 
     def __call__(self, text: str, add_special_tokens: bool, **kwargs) -> dict:
         assert add_special_tokens is False
         self.calls.append(text)
-        return {"input_ids": [ord(c) for c in text]}
+        return {"input_ids": [0] * self.prefix + [ord(c) for c in text]}
 
 
-def test_tokenize_text_chunks_at_newlines(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cal, "TOKENIZE_CHUNK_CHARS", 10)
-    text = "line one\n\n  indented\nline three is long\nx"
+TEXT = "line one\n\n  indented\nline two \n three\n\n four\nlast line\nx"
+
+
+def test_split_for_tokenizer_cuts_only_at_safe_line_breaks() -> None:
+    pieces = cal._split_for_tokenizer(TEXT, 5)
+    assert "".join(pieces) == TEXT
+    # Cuts after a lone newline ("indented\n|line") or before one space + word ("\n| three",
+    # "\n\n| four"); never inside "\n\n  " (two spaces), never an empty last piece.
+    assert pieces == [
+        "line one\n\n  indented\n", "line two \n", " three\n\n", " four\n", "last line\nx"
+    ]
+    assert cal._split_for_tokenizer(TEXT, 1000) == [TEXT]
+
+
+def test_tokenize_text_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cal, "TOKENIZE_CHUNK_CHARS", 5)
     tok = _CharTokenizer()
-    ids = tokenize_text(tok, text)
+    ids = tokenize_text(tok, TEXT)
     assert ids.dtype == torch.long and ids.dim() == 1
-    assert ids.tolist() == [ord(c) for c in text]  # nothing lost or duplicated
-    assert len(tok.calls) > 1
-    for piece in tok.calls[1:]:
-        assert not piece[0].isspace()  # never cut inside a whitespace run
-    for piece in tok.calls[:-1]:
-        assert piece.endswith("\n")
+    assert ids.tolist() == [ord(c) for c in TEXT]  # nothing lost or duplicated
+    pieces = cal._split_for_tokenizer(TEXT, 5)
+    assert len(pieces) == 5 and tok.calls[-5:] == pieces
+
+
+def test_tokenize_text_whole_when_pieces_would_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cal, "TOKENIZE_CHUNK_CHARS", 5)
+    tok = _CharTokenizer(prefix=True)
+    ids = tokenize_text(tok, TEXT)
+    assert ids.tolist() == [0] + [ord(c) for c in TEXT]  # one call: one prefix
+    assert tok.calls[-1] == TEXT
 
 
 # ----------------------------------------------------------------------------- cut_windows
