@@ -137,7 +137,9 @@ def _load_dataset_text(name: str, max_chars: int) -> str:
                 break
     except Exception as e:  # network, auth, schema: all mean "could not get the data"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GSQError(f"cannot download calibration dataset '{name}' ({spec.path}): {reason}")
+        raise GSQError(
+            f"cannot download calibration dataset '{name}' ({spec.path}): {reason}"
+        ) from e
     if not docs:
         raise GSQError(f"calibration dataset '{name}' ({spec.path}) returned no text")
     text = spec.separator.join(docs)
