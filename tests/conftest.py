@@ -17,7 +17,7 @@ TINY_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 def _few_threads():
     """The suite targets 2-core machines; more threads only add overhead on these tiny shapes."""
     before = torch.get_num_threads()
-    torch.set_num_threads(min(before, 2))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 

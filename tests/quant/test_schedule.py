@@ -93,3 +93,12 @@ def test_budget_aware_lr_is_larger_for_small_budgets():
 def test_budget_aware_lr_off():
     assert budget_aware_lr(1e-4, Schedule(80), None) == 1e-4
     assert budget_aware_lr(1e-4, Schedule(0), PAPER_LOGIT_TRAVEL) == 1e-4
+
+
+def test_default_train_config_travel_keeps_paper_lr_at_paper_budget():
+    from gsq.quant.trainer import TrainConfig
+
+    travel = TrainConfig().logit_travel
+    assert travel is not None and 0 < travel <= PAPER_LOGIT_TRAVEL
+    assert budget_aware_lr(1e-4, Schedule(1280), travel) == pytest.approx(1e-4, rel=1e-12)
+    assert budget_aware_lr(1e-4, Schedule(80), travel) > 1e-4
