@@ -104,15 +104,22 @@ def main() -> None:
     for name, cfg in planned_rows(args):
         rows.append(run_row(name, cfg, base_model, tokenizer, calib, eval_tokens, args, device))
         print(format_table(rows), flush=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        write_json(args.json, run_meta(device), rows)
+    print(format_table(rows))
+    print(json.dumps(run_meta(device)))
+
+
+def write_json(path: str | None, meta: dict, rows: list[dict]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+
+def run_meta(device: torch.device) -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "command": " ".join(sys.argv), "torch": torch.__version__}
-    print(format_table(rows))
-    print(json.dumps(meta))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,14 @@ class Schedule:
         return sum(self.lr_factor(t) for t in range(self.total_steps))
 
 
-# Travel of a logit over the paper's budget: 1,280 Lion steps at 1e-4 with cosine decay to 0.1x.
+# Travel of a logit over the paper's budget: 1,280 Lion steps at 1e-4 with cosine decay to 0.1x
+# (about 0.070).
 PAPER_LOGIT_TRAVEL = 1e-4 * Schedule(1280).lr_sum()
+# gsq's default travel target: half the paper's, i.e. about 1.2x the init prior's margin between
+# the init code and its neighbours (σ_init·α·0.5 = 0.03). Enough to repair the init noise's flips
+# (method §21) without the large first-epoch disruption a full-travel lr causes at small budgets
+# (measured on SmolLM2 blocks: see benchmarks/RESULTS.md). At the paper's budget the lr stays 1e-4.
+DEFAULT_LOGIT_TRAVEL = 0.5 * PAPER_LOGIT_TRAVEL
 
 
 def budget_aware_lr(base_lr: float, schedule: Schedule, travel: float | None) -> float:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import LogitQuantizer
-from gsq.quant.schedule import PAPER_LOGIT_TRAVEL, Schedule, budget_aware_lr
+from gsq.quant.schedule import DEFAULT_LOGIT_TRAVEL, Schedule, budget_aware_lr
 from gsq.quant.types import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class TrainConfig:
     tau: tuple[float, float] = (2.0, 0.05)
     kappa: tuple[float, float] = (100.0, 500.0)
     # Budget-aware logit lr: the lr is raised (never lowered) so that a logit can travel this far
-    # over the run; the default is the paper's travel, so at the paper's budget lr stays 1e-4.
-    logit_travel: float | None = PAPER_LOGIT_TRAVEL
+    # over the run (method §21); at the paper's budget the lr stays 1e-4. None = fixed logit_lr.
+    logit_travel: float | None = DEFAULT_LOGIT_TRAVEL
     keep_best: bool = True  # return the best of init and every epoch by held-out hard loss
     batching: str = "reshuffle"  # "reshuffle": new per-sample order each epoch; "chunks": fixed chunks
 
