@@ -50,7 +50,7 @@ def build_byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_llama() -> Callable[..., torch.nn.Module]:
     """Factory: `tiny_llama(seed=0, **config_overrides)` -> a fresh LlamaForCausalLM."""
     return build_tiny_llama
@@ -77,7 +77,7 @@ def build_random_windows(counts: dict[str, int], seqlen: int, seed: int = 0) -> 
             for split, n in counts.items()}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def random_windows() -> Callable[..., dict[str, torch.Tensor]]:
     """Factory: `random_windows({"train": 16, ...}, seqlen, seed=0)`."""
     return build_random_windows
