@@ -1,0 +1,276 @@
+"""`gsq quantize | eval` end to end on a tiny random Llama, and every user-input error path.
+
+Every user error must end as exit status 2 with one `gsq: error: ...` line that names the problem,
+and must leave nothing at --out.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gsq.cli.__main__ import main
+
+# A tiny budget: 8 + 2 + 4 windows of 16 tokens (the byte tokenizer gives one token per byte).
+TINY_BUDGET = ["--group-size", "32", "--nsamples", "8", "--val-samples", "2", "--gptq-samples", "4",
+               "--seqlen", "16", "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "1",
+               "--qk-steps", "4"]
+WORDS = ("the of and to in is was that for on with as by at from it his her an be had not are "
+         "which this were have or one all their they but said been would there who more").split()
+
+
+def _text(n_chars: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words = []
+    while sum(len(w) + 1 for w in words) < n_chars:
+        words.append(rng.choice(WORDS))
+    return " ".join(words) + "\n"
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(_text(4000, 0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text(_text(800, 1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, byte_tokenizer) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    byte_tokenizer.save_pretrained(path)
+    return path
+
+
+def _quantize_args(model, out, calib, *extra):
+    return ["-q", "quantize", str(model), "--calib", str(calib), "--out", str(out), *TINY_BUDGET,
+            *extra]
+
+
+def _error_line(capsys) -> str:
+    """The single `gsq: error:` line, which must end stderr. (Third-party progress bars printed
+    before it are tolerated here; `test_quiet_stderr_holds_only_the_error_line` covers them.)"""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("gsq: error: ")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def _assert_user_error(capsys, argv, out: Path, *needles: str) -> str:
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    for needle in needles:
+        assert needle in line, line
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}.tmp-") for p in out.parent.iterdir())
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("bits", ["5", "1", "8", "two"])
+def test_bits_not_in_the_list_is_an_argparse_error(capsys, tiny_llama_dir, calib_file, tmp_path,
+                                                   bits):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(_quantize_args(tiny_llama_dir, out, calib_file, "--bits", bits))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --bits" in err and "2, 3, 4, ternary" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--group-size", "0"), ("--nsamples", "-3"),
+                                         ("--bits-override", "*.q_proj"),
+                                         ("--bits-override", "*.q_proj=9")])
+def test_other_bad_flags_are_argparse_errors(capsys, tiny_llama_dir, calib_file, tmp_path, flag,
+                                             value):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(_quantize_args(tiny_llama_dir, out, calib_file, flag, value))
+    assert exc.value.code == 2
+    assert f"error: argument {flag}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_group_size_not_dividing_a_width(capsys, tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    argv = _quantize_args(tiny_llama_dir, out, calib_file) + ["--group-size", "48"]
+    _assert_user_error(capsys, argv, out, "group size 48", "does not divide", "q_proj")
+
+
+def test_missing_model_path(capsys, calib_file, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-model"
+    _assert_user_error(capsys, _quantize_args(missing, out, calib_file), out, str(missing),
+                       "does not exist")
+
+
+def test_missing_calibration_file(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.txt"
+    _assert_user_error(capsys, _quantize_args(tiny_llama_dir, out, missing), out, str(missing))
+
+
+def test_too_little_calibration_text(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    short = tmp_path / "short.txt"
+    short.write_text(_text(100, 2))  # ~100 tokens < (8 + 2 + 4) x 16
+    _assert_user_error(capsys, _quantize_args(tiny_llama_dir, out, short), out, "tokens",
+                       "need 14")
+
+
+def test_unsupported_architecture(capsys, gpt2_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(capsys, _quantize_args(gpt2_dir, out, calib_file), out, "unsupported",
+                       "gpt2")
+
+
+def test_existing_out_without_overwrite(capsys, tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(_quantize_args(tiny_llama_dir, out, calib_file)) == 2
+    line = _error_line(capsys)
+    assert str(out) in line and "already exists" in line and "--overwrite" in line
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched
+
+
+def test_missing_out_parent(capsys, tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "nope" / "out"
+    assert main(_quantize_args(tiny_llama_dir, out, calib_file)) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert not out.parent.exists()
+
+
+def test_eval_missing_text(capsys, tiny_llama_dir, tmp_path):
+    missing = tmp_path / "missing.txt"
+    assert main(["-q", "eval", str(tiny_llama_dir), "--text", str(missing)]) == 2
+    assert str(missing) in _error_line(capsys)
+
+
+QUIET_BUG = (
+    "src bug: `gsq -q` promises 'no progress bars or info logs', but cli/__main__.py main() only "
+    "sets the logging level; transformers' own tqdm bars ('Loading weights: 100%|...', 'Writing "
+    "model shards') still go to stderr. Fix: transformers.utils.logging.disable_progress_bar() "
+    "(and set_verbosity_error()) when --quiet is given")
+
+
+@pytest.mark.xfail(strict=True, reason=QUIET_BUG)
+def test_quiet_stderr_holds_only_the_error_line(gpt2_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "gsq.cli",
+                           *_quantize_args(gpt2_dir, out, calib_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gsq: error: unsupported architecture"), \
+        proc.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=QUIET_BUG)
+def test_quiet_success_prints_nothing_on_stderr(capsys, tiny_llama_dir, calib_file, tmp_path):
+    assert main(_quantize_args(tiny_llama_dir, tmp_path / "q", calib_file, "--method", "rtn")) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_error_exit_status_from_a_subprocess(tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "gsq.cli",
+                           *_quantize_args(missing, out, calib_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gsq: error: "), proc.stderr
+    assert str(missing) in lines[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Success
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_llama_dir, calib_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny-gsq"
+    assert main(_quantize_args(tiny_llama_dir, out, calib_file, "--method", "gsq", "--bits",
+                               "2")) == 0
+    return out
+
+
+def test_quantize_writes_a_gsq_directory(quantized_dir, tiny_llama_dir):
+    from gsq.io.quantized_dir import load_records
+
+    meta = json.loads((quantized_dir / "gsq_config.json").read_text())
+    assert meta["config"]["method"] == "gsq" and meta["config"]["group_size"] == 32
+    assert meta["config"]["nsamples"] == 8 and meta["config"]["train"]["epochs"] == 1
+    records = load_records(quantized_dir)
+    assert len(records) == 14
+    assert all(qw.spec.bits == 2 and qw.spec.group_size == 32 for qw in records.values())
+    report = json.loads((quantized_dir / "report.json").read_text())
+    assert report["quantized_tensors"] == 14 and report["bpp"] == pytest.approx(2.5)
+    assert report["model"] == str(tiny_llama_dir)
+    assert (quantized_dir / "tokenizer.json").is_file()
+
+
+def test_quantize_prints_a_summary(capsys, tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "rtn"
+    assert main(_quantize_args(tiny_llama_dir, out, calib_file, "--method", "rtn", "--bits", "3",
+                               "--skip", "*.mlp.down_proj", "--max-blocks", "1")) == 0
+    captured = capsys.readouterr()
+    assert "quantized 6 tensors of 1/2 blocks with rtn 3-bit g32" in captured.out
+    assert str(out) in captured.out
+
+
+def test_overwrite_replaces_an_existing_out(tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(_quantize_args(tiny_llama_dir, out, calib_file, "--method", "rtn",
+                               "--overwrite")) == 0
+    assert not (out / "old.txt").exists() and (out / "gsq_config.json").is_file()
+
+
+def test_eval_with_base_writes_json(capsys, quantized_dir, tiny_llama_dir, eval_file, tmp_path):
+    result_file = tmp_path / "result.json"
+    capsys.readouterr()
+    assert main(["-q", "eval", str(quantized_dir), "--text", str(eval_file), "--seqlen", "16",
+                 "--base", str(tiny_llama_dir), "--json", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == result
+    assert result["ppl"] > 1 and result["base_ppl"] > 1
+    assert result["kl"] > 0 and 0 <= result["top1"] <= 1
+    n_windows = len(eval_file.read_bytes()) // 16
+    assert result["tokens"] == n_windows * 15
+
+
+def test_eval_without_base(capsys, quantized_dir, eval_file):
+    capsys.readouterr()
+    assert main(["-q", "eval", str(quantized_dir), "--text", str(eval_file), "--seqlen", "16",
+                 "--max-tokens", "160"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == 10 * 15 and result["ppl"] > 1
+    assert "kl" not in result
