@@ -65,3 +65,11 @@ def test_paper_preset_matches_the_paper():
 def test_replace_revalidates():
     with pytest.raises(ValueError):
         cpu_preset().replace(method="nope")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: QuantizeConfig.__post_init__ does not validate qk_steps (and the CLI's --qk-steps "
+    "is a plain int): qk_steps=-5 is accepted and the Q/K stage then silently runs 1 step"))
+def test_negative_qk_steps_rejected():
+    with pytest.raises(ValueError, match="qk_steps"):
+        QuantizeConfig(qk_steps=-5)

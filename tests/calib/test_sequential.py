@@ -277,3 +277,30 @@ def test_rtn_init_for_gsq_is_honoured_mlp_only(run):
 def test_rtn_init_for_gsq_all_linears(run):
     _, records, _, _ = run(_cfg("gsq", init="rtn"))
     _check_records(records, ALL_NAMES)
+
+
+@pytest.mark.parametrize("qk_steps", [7, 10, 30])
+def test_qk_stage_runs_qk_steps(run, qk_steps):
+    _, _, report, _ = run(_cfg("gsq", qk_steps=qk_steps, max_blocks=1))
+    assert report["blocks"][0]["stages"][0]["steps"] == [qk_steps, qk_steps]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: sequential._train_quadratic runs evals * (qk_steps // evals) steps with "
+    "evals = min(QK_EVALS=10, qk_steps), so a qk_steps that is not a multiple of 10 is silently "
+    "rounded down: qk_steps=25 runs 20 steps, qk_steps=15 runs 10 (config.py: 'full-batch steps "
+    "of the Q/K quadratic stage')"))
+@pytest.mark.parametrize("qk_steps", [15, 25])
+def test_qk_stage_runs_qk_steps_not_a_multiple_of_ten(run, qk_steps):
+    _, _, report, _ = run(_cfg("gsq", qk_steps=qk_steps, max_blocks=1))
+    assert report["blocks"][0]["stages"][0]["steps"] == [qk_steps, qk_steps]
+
+
+def test_qk_steps_zero_keeps_the_gptq_codes(run):
+    _, gptq, _, _ = run(_cfg("gptq", max_blocks=1))
+    _, gsq, report, _ = run(_cfg("gsq", qk_steps=0, max_blocks=1))
+    qk = report["blocks"][0]["stages"][0]
+    assert qk["steps"] == [0, 0] and qk["kept_init"] == [True, True]
+    for name in ("self_attn.q_proj", "self_attn.k_proj"):
+        full = "model.layers.0." + name
+        assert torch.equal(gsq[full].codes, gptq[full].codes)
