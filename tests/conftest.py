@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama built in-process and a byte-level tokenizer (no downloads)."""
+"""Shared fixtures: a tiny random Llama built in-process and a byte-level tokenizer (no
+downloads)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _few_threads():
 
 
 def build_tiny_llama(seed: int = 0, **overrides):
-    """A random 2-block Llama: hidden 64, intermediate 128, 4 heads, 2 kv heads, vocab 256 (fp32)."""
+    """A random 2-block fp32 Llama: hidden 64, intermediate 128, 4 heads, 2 kv heads, vocab 256."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -70,7 +71,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def build_random_windows(counts: dict[str, int], seqlen: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def build_random_windows(counts: dict[str, int], seqlen: int,
+                         seed: int = 0) -> dict[str, torch.Tensor]:
     """Random token windows {split: (n, seqlen)} for the pipeline tests."""
     gen = torch.Generator().manual_seed(seed)
     return {split: torch.randint(0, TINY_VOCAB, (n, seqlen), generator=gen)

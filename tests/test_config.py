@@ -54,7 +54,8 @@ def test_presets_validate_and_serialise(preset):
 
 def test_paper_preset_matches_the_paper():
     cfg = paper_preset()
-    assert (cfg.nsamples, cfg.seqlen, cfg.train.batch_size, cfg.train.epochs) == (4096, 4096, 64, 20)
+    budget = (cfg.nsamples, cfg.seqlen, cfg.train.batch_size, cfg.train.epochs)
+    assert budget == (4096, 4096, 64, 20)
     assert cfg.nsamples // cfg.train.batch_size * cfg.train.epochs == 1280
     assert cfg.qk_steps == 2000 and cfg.group_size == 128 and cfg.percdamp == 0.1
     assert cfg.train.logit_lr == 1e-4 and cfg.train.scale_lr == 5e-5

@@ -26,5 +26,6 @@ def test_capture_block_context_drops_cache_kwargs(tiny_llama):
     assert "position_embeddings" in ctx
     cos, sin = ctx["position_embeddings"]
     assert cos.shape[-2] == 16 and cos.shape[0] == 1  # batch 1: broadcasts over any batch
-    for key in ("past_key_values", "past_key_value", "use_cache", "cache_position", "hidden_states"):
+    dropped = ("past_key_values", "past_key_value", "use_cache", "cache_position", "hidden_states")
+    for key in dropped:
         assert key not in ctx

@@ -1,4 +1,5 @@
-"""The block loop on a tiny random Llama (method §3.1, §11): stages, records, seeds, scope, skips."""
+"""The block loop on a tiny random Llama (method §3.1, §11): stages, records, seeds, scope,
+skips."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ MLP_NAMES = {n for n in ALL_NAMES if ".mlp." in n}
 SEQLEN = 32
 COUNTS = {"train": 16, "val": 4, "gptq": 8}
 CPU = torch.device("cpu")
+NO_KEEP_BEST = TrainConfig(epochs=2, batch_size=8, micro_batch_size=4, keep_best=False)
 
 
 def _cfg(method="gsq", **changes):
@@ -58,7 +60,7 @@ def _weight(model, name):
 
 def _check_records(records, names, bits=2):
     assert set(records) == names
-    for name, qw in records.items():
+    for qw in records.values():
         spec = qw.spec
         assert spec.bits == bits and spec.group_size == 32
         assert qw.codes.dtype == torch.int8 and qw.codes.device.type == "cpu"
@@ -92,7 +94,7 @@ def test_gptq_uses_hessians_and_beats_rtn(run):
     _, rtn, rtn_report, _ = run(_cfg("rtn"))
     _, gptq, gptq_report, _ = run(_cfg("gptq"))
     assert any(not torch.equal(rtn[n].codes, gptq[n].codes) for n in ALL_NAMES)
-    for b_rtn, b_gptq in zip(rtn_report["blocks"], gptq_report["blocks"]):
+    for b_rtn, b_gptq in zip(rtn_report["blocks"], gptq_report["blocks"], strict=True):
         assert b_gptq["val_block_mse"] < b_rtn["val_block_mse"]
 
 
@@ -101,9 +103,9 @@ def test_gsq_report_keeps_best(run):
     for block in report["blocks"]:
         for stage in block["stages"]:
             assert len(stage["val_loss_final"]) == len(stage["val_loss_init"]) >= 1
-            for init, final in zip(stage["val_loss_init"], stage["val_loss_final"]):
+            for init, final in zip(stage["val_loss_init"], stage["val_loss_final"], strict=True):
                 assert final <= init
-            for kept, epoch in zip(stage["kept_init"], stage["best_epoch"]):
+            for kept, epoch in zip(stage["kept_init"], stage["best_epoch"], strict=True):
                 assert kept == (epoch == 0)
         qk, vo, mlp = block["stages"]
         assert qk["linears"] == ["self_attn.q_proj", "self_attn.k_proj"]
@@ -114,7 +116,7 @@ def test_gsq_report_keeps_best(run):
 
 def test_gsq_training_changes_codes_without_keep_best(run):
     _, gptq, _, _ = run(_cfg("gptq"))
-    cfg = _cfg("gsq", train=TrainConfig(epochs=2, batch_size=8, micro_batch_size=4, keep_best=False))
+    cfg = _cfg("gsq", train=NO_KEEP_BEST)
     _, gsq, report, _ = run(cfg)
     changed = [n for n in ALL_NAMES if not torch.equal(gsq[n].codes, gptq[n].codes)]
     assert len(changed) == len(ALL_NAMES)
@@ -130,15 +132,14 @@ def test_gsq_beats_gptq_on_block_output_at_a_modest_budget(run, random_windows):
                   train=TrainConfig(epochs=6, batch_size=8, micro_batch_size=4))
     _, _, gptq_report, _ = run(_cfg("gptq", **budget), wins)
     _, _, gsq_report, _ = run(_cfg("gsq", **budget), wins)
-    for b_gptq, b_gsq in zip(gptq_report["blocks"], gsq_report["blocks"]):
+    for b_gptq, b_gsq in zip(gptq_report["blocks"], gsq_report["blocks"], strict=True):
         assert b_gsq["val_block_mse"] < b_gptq["val_block_mse"]
 
 
 def test_same_seed_gives_identical_codes(run, tiny_llama, windows):
-    _, first, _, _ = run(_cfg("gsq", train=TrainConfig(epochs=2, batch_size=8, micro_batch_size=4,
-                                                       keep_best=False)))
+    _, first, _, _ = run(_cfg("gsq", train=NO_KEEP_BEST))
     model = tiny_llama(0)
-    cfg = _cfg("gsq", train=TrainConfig(epochs=2, batch_size=8, micro_batch_size=4, keep_best=False))
+    cfg = _cfg("gsq", train=NO_KEEP_BEST)
     second, _ = run_quantization(model, adapter_for("llama"), windows, cfg, CPU, progress=False)
     for name in ALL_NAMES:
         assert torch.equal(first[name].codes, second[name].codes), name
@@ -198,7 +199,8 @@ def test_max_blocks(run):
     ({}, 48, "model.layers.0.self_attn.q_proj"),  # 64 % 48
     ({"intermediate_size": 96}, 64, "model.layers.0.mlp.down_proj"),  # 96 % 64
 ])
-def test_group_size_not_dividing_a_width_raises(tiny_llama, windows, overrides, group_size, culprit):
+def test_group_size_not_dividing_a_width_raises(tiny_llama, windows, overrides, group_size,
+                                                 culprit):
     model = tiny_llama(0, **overrides)
     cfg = _cfg("gptq", group_size=group_size)
     with pytest.raises(GSQError, match=f"group size {group_size} does not divide.*{culprit}"):

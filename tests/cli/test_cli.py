@@ -20,8 +20,9 @@ from gsq.cli.__main__ import main
 TINY_BUDGET = ["--group-size", "32", "--nsamples", "8", "--val-samples", "2", "--gptq-samples", "4",
                "--seqlen", "16", "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "1",
                "--qk-steps", "4"]
-WORDS = ("the of and to in is was that for on with as by at from it his her an be had not are "
-         "which this were have or one all their they but said been would there who more").split()
+_WORD_LIST = ("the of and to in is was that for on with as by at from it his her an be had not are "
+              "which this were have or one all their they but said been would there who more")
+WORDS = _WORD_LIST.split()
 
 
 def _text(n_chars: int, seed: int) -> str:

@@ -28,11 +28,12 @@ from gsq.quant.trainer import TrainConfig
 
 @pytest.fixture(scope="module")
 def quantized(tiny_llama, random_windows):
-    """A tiny Llama quantized with mixed bit-widths (2-bit, 3-bit attention, ternary block 1 MLP)."""
+    """A tiny Llama quantized at mixed bit-widths (2-bit; 3-bit attention; ternary block-1 MLP)."""
     cfg = QuantizeConfig(method="gsq", bits=2, group_size=32, nsamples=8, val_samples=2,
                          gptq_samples=4, seqlen=16, qk_steps=4,
                          bits_overrides=(("*.self_attn.*", 3), ("model.layers.1.mlp.*", "ternary")),
-                         train=TrainConfig(epochs=1, batch_size=8, micro_batch_size=4, keep_best=False))
+                         train=TrainConfig(epochs=1, batch_size=8, micro_batch_size=4,
+                                           keep_best=False))
     model = tiny_llama(0)
     windows = random_windows({"train": 8, "val": 2, "gptq": 4}, 16, seed=0)
     records, report = run_quantization(model, adapter_for("llama"), windows, cfg,
@@ -64,10 +65,10 @@ def test_save_load_round_trip_is_exact(quantized, byte_tokenizer, tiny_llama, tm
 
     fresh = tiny_llama(0)
     apply_records(fresh, loaded)
-    for name, qw in records.items():
+    for name in records:
         assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
-                                                 model.state_dict().values()))
+                                                 model.state_dict().values(), strict=True))
 
     meta = json.loads((out / META_FILE).read_text())
     assert meta["format"] == "gsq-quantized" and meta["config"]["method"] == "gsq"

@@ -76,7 +76,7 @@ def test_search_is_no_worse_than_plain_absmax(spec):
 
 
 def test_two_bit_search_picks_a_negative_scale_for_mostly_positive_groups():
-    # Values in [0, 2]: the grid {-1, 0, 1, 2}·|s| (negative s) represents them exactly with |s| = 1;
+    # Values in [0, 2]: the grid {-1, 0, 1, 2}·|s| (negative s) holds them exactly with |s| = 1;
     # {-2, -1, 0, 1}·s (positive s) must clip the largest values.
     x = torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 0.0, 2.0, 1.0]).view(1, 1, 8)
     spec = QuantSpec(2, 8)

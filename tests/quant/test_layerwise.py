@@ -1,4 +1,5 @@
-"""Quadratic layer loss tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of the Q/K stage and ternary warm-up (method §7)."""
+"""Quadratic layer loss tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of the Q/K stage and ternary warm-up
+(method §7)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_quadratic_error_is_the_trace(setup):
                                                                 rel=1e-5)
     # ‖ΔW·L‖²_F with H = L Lᵀ
     L = torch.linalg.cholesky(H.double())
-    assert float(quadratic_error(W_q, W_f, H)) == pytest.approx(float(((dW @ L) ** 2).sum()), rel=1e-5)
+    frobenius = float(((dW @ L) ** 2).sum())
+    assert float(quadratic_error(W_q, W_f, H)) == pytest.approx(frobenius, rel=1e-5)
 
 
 def test_objective_loss_is_normalised_trace(setup):

@@ -226,8 +226,10 @@ def test_ternary_init_prior():
     codes = torch.tensor([[-1, 0, 1, 1]])
     q = TernaryQuantizer(_init(codes, spec), InitConfig(), _gen())
     got = q.logits.detach() / 0.01 - _eps(q.logits.shape)
-    torch.testing.assert_close(got[0, 0], 3.0 * torch.tensor([1.0, -1.0, 1.0, 1.0]), rtol=0, atol=1e-4)
-    torch.testing.assert_close(got[1, 0], 3.0 * torch.tensor([-1.0, 0.0, 1.0, 1.0]), rtol=0, atol=1e-4)
+    mask_prior = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    sign_prior = torch.tensor([-1.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(got[0, 0], 3.0 * mask_prior, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[1, 0], 3.0 * sign_prior, rtol=0, atol=1e-4)
     with torch.no_grad():
         q.logits -= 0.01 * _eps(q.logits.shape)
     # sign logit of a zero code is exactly 0 -> +1 by the >= rule, but the mask removes it

@@ -64,7 +64,8 @@ def _reference_ternary(logits, scale, kappa, tau, seed):
 
 
 def _categorical(logits, scale, values, valid, kappa=KAPPA, tau=TAU, seed=SEED, scale_dtype=None):
-    return CategoricalSample.apply(logits, scale, values, valid, kappa, tau, seed, G, scale_dtype, F64)
+    return CategoricalSample.apply(logits, scale, values, valid, kappa, tau, seed, G, scale_dtype,
+                                   F64)
 
 
 def _ternary(logits, scale, kappa=KAPPA, tau=TAU, seed=SEED, scale_dtype=None):
@@ -103,9 +104,14 @@ def test_categorical_backward_matches_autograd(case, seed):
     scale = _rand(OUT, IN // G, seed=3, scale=0.05)
     R = _rand(OUT, IN, seed=4)  # random upstream gradient
 
-    W, gl, gs = _grads(lambda lg, s: _categorical(lg, s, values, valid, seed=seed), logits, scale, R)
-    W_ref, gl_ref, gs_ref = _grads(
-        lambda lg, s: _reference_categorical(lg, s, values, valid, KAPPA, TAU, seed), logits, scale, R)
+    def ours(lg, s):
+        return _categorical(lg, s, values, valid, seed=seed)
+
+    def reference(lg, s):
+        return _reference_categorical(lg, s, values, valid, KAPPA, TAU, seed)
+
+    W, gl, gs = _grads(ours, logits, scale, R)
+    W_ref, gl_ref, gs_ref = _grads(reference, logits, scale, R)
 
     torch.testing.assert_close(W, W_ref, rtol=1e-13, atol=0)
     _assert_rel_close(gl, gl_ref, 1e-12)
@@ -143,7 +149,8 @@ def test_gradcheck_categorical_grid_and_mask():
 
     assert torch.autograd.gradcheck(f, (logits, scale), eps=1e-6, atol=1e-8, rtol=1e-6)
 
-    raw = torch.tensor([-4, -3, 0, 2, 3, 3, -4, 1]).view(1, 1, 8) + torch.arange(-2, 3).view(5, 1, 1)
+    j0 = torch.tensor([-4, -3, 0, 2, 3, 3, -4, 1]).view(1, 1, 8)  # 3-bit codes incl. both edges
+    raw = j0 + torch.arange(-2, 3).view(5, 1, 1)
     valid = ((raw >= -4) & (raw <= 3)).expand(5, 2, 8).contiguous()
     shift_values = raw.clamp(-4, 3).expand(5, 2, 8).to(torch.int8).contiguous()
     logits5 = _rand(5, 2, 8, seed=12, scale=0.5).requires_grad_(True)
@@ -187,7 +194,7 @@ def _ternary_call(seed):
 @pytest.mark.parametrize("call", [_grid_call, _ternary_call], ids=["categorical", "ternary"])
 def test_same_seed_is_bitwise_identical_and_other_seed_differs(call):
     a, b, c = call(SEED), call(SEED), call(SEED + 1)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     assert not torch.equal(a[0], c[0])  # forward
     assert not torch.equal(a[1], c[1])  # logit gradients
@@ -221,7 +228,8 @@ def test_noise_free_probs_ignore_seedless_rng_state():
     torch.testing.assert_close(p1, torch.softmax(logits * KAPPA / TAU, 0), rtol=0, atol=0)
     m, b = ternary_probs(logits[:2], KAPPA, TAU, None)
     torch.testing.assert_close(m, torch.sigmoid(2 * KAPPA * logits[0] / TAU), rtol=0, atol=0)
-    torch.testing.assert_close(b, 2 * torch.sigmoid(2 * KAPPA * logits[1] / TAU) - 1, rtol=0, atol=0)
+    expected_b = 2 * torch.sigmoid(2 * KAPPA * logits[1] / TAU) - 1
+    torch.testing.assert_close(b, expected_b, rtol=0, atol=0)
 
 
 def test_default_bf16_scale_cast_in_forward():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -51,7 +52,7 @@ def test_quantspec_rejects_bad_group_size(group_size):
 
 def test_quantspec_is_frozen_and_labelled():
     spec = QuantSpec(3, 64)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.bits = 2  # type: ignore[misc]
     assert spec.label == "3-bit g64"
     assert QuantSpec("ternary", 128).label == "ternary g128"
@@ -92,4 +93,5 @@ def test_quantized_weight_rejects_group_not_dividing_width():
 @pytest.mark.parametrize("scale_shape", [(2, 3), (3, 2), (2,), (2, 2, 1)])
 def test_quantized_weight_rejects_bad_scale_shape(scale_shape):
     with pytest.raises(ValueError, match="scale shape"):
-        QuantizedWeight(torch.zeros(2, 8, dtype=torch.int8), torch.ones(scale_shape), QuantSpec(2, 4))
+        QuantizedWeight(torch.zeros(2, 8, dtype=torch.int8), torch.ones(scale_shape),
+                        QuantSpec(2, 4))
