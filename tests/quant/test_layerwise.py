@@ -86,3 +86,14 @@ def test_quadratic_training_improves_on_gptq(setup):
     assert run.steps == 200
     assert run.best_val < 0.95 * run.init_val
     assert run.init_val == pytest.approx(_trace_ratio(init.dequantize(), W_f, H_val), rel=1e-4)
+
+
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
+    "src bug: QuadraticObjective divides by tr(W_f H W_fᵀ) = 0 for an all-zero W_f: val_loss() "
+    "raises ZeroDivisionError and loss() returns NaN"))
+def test_objective_with_all_zero_weight_is_finite(setup):
+    _, _, H_train, H_val = setup
+    W_f = torch.zeros(8, 32)
+    obj = QuadraticObjective("q", W_f, H_train, H_val)
+    assert obj.val_loss({"q": W_f}) == 0.0
+    assert torch.isfinite(obj.loss({"q": W_f}, torch.arange(1)))
