@@ -329,3 +329,41 @@ def test_all_zero_mlp_weight_is_quantized(tiny_llama, windows):
                                   _cfg("gsq", max_blocks=1, scope="mlp-only"), CPU, progress=False)
     qw = records["model.layers.0.mlp.up_proj"]
     assert torch.isfinite(qw.scale).all() and (qw.scale != 0).all()
+
+
+def test_stage_hessians_see_earlier_stages_hard_and_own_weights_fp(tiny_llama, windows,
+                                                                   monkeypatch):
+    """Method §3.1: a stage's GPTQ Hessians are collected with the block's earlier stages already
+    quantized and the stage's own linears still in full precision."""
+    seen = []
+    real = seq_mod.gptq_quantize
+
+    def spy(W, H, spec, *args, **kwargs):
+        seen.append(H.clone())
+        return real(W, H, spec, *args, **kwargs)
+
+    monkeypatch.setattr(seq_mod, "gptq_quantize", spy)
+    model = tiny_llama(0)
+    records, _ = run_quantization(model, adapter_for("llama"), windows, _cfg("gptq", max_blocks=1),
+                                  CPU, progress=False)
+    H_o, H_gate, H_down = seen[3], seen[4], seen[6]  # q, k, v, o, gate, up, down
+
+    def hessian(hard: tuple[str, ...], name: str):
+        m = tiny_llama(0)
+        with torch.no_grad():
+            for n in hard:
+                full = "model.layers.0." + n
+                m.get_submodule(full).weight.copy_(records[full].dequantize())
+        with collect_hessians(m.model.layers[0], [name]) as accs, torch.no_grad():
+            m(input_ids=windows["gptq"], use_cache=False)
+        return accs[name].H
+
+    q, k, v, o = LINEARS[:4]
+    torch.testing.assert_close(H_o, hessian((q, k), o), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(H_o, hessian((q, k, v), o), rtol=1e-3, atol=1e-5)  # v still FP
+    assert not torch.allclose(H_o, hessian((), o), rtol=1e-3, atol=1e-5)  # q/k already hard
+    torch.testing.assert_close(H_gate, hessian((q, k, v, o), "mlp.gate_proj"), rtol=1e-4,
+                               atol=1e-6)
+    # down_proj's inputs depend on gate/up, which are still FP while the MLP stage collects
+    torch.testing.assert_close(H_down, hessian((q, k, v, o), "mlp.down_proj"), rtol=1e-4,
+                               atol=1e-6)
