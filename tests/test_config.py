@@ -68,9 +68,6 @@ def test_replace_revalidates():
         cpu_preset().replace(method="nope")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: QuantizeConfig.__post_init__ does not validate qk_steps (and the CLI's --qk-steps "
-    "is a plain int): qk_steps=-5 is accepted and the Q/K stage then silently runs 1 step"))
 def test_negative_qk_steps_rejected():
     with pytest.raises(ValueError, match="qk_steps"):
         QuantizeConfig(qk_steps=-5)

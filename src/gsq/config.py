@@ -54,6 +54,8 @@ class QuantizeConfig:
             parse_bits(bits)
         if min(self.nsamples, self.val_samples, self.gptq_samples) < 1:
             raise ValueError("nsamples, val_samples and gptq_samples must be >= 1")
+        if self.qk_steps < 0:
+            raise ValueError(f"qk_steps must be >= 0; got {self.qk_steps}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen must be >= 2; got {self.seqlen}")
         if self.max_blocks is not None and self.max_blocks < 1:

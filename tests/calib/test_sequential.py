@@ -271,11 +271,6 @@ def test_rtn_init_for_gsq_is_honoured_mlp_only(run):
                 assert not torch.equal(gsq_rtn[full].codes, gptq[full].codes)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "src bug: sequential._initial_assignment returns H = {} when cfg.init == 'rtn', but "
-    "_train_quadratic (Q/K stage, scope 'all') reads H[name] -> KeyError 'self_attn.q_proj'. "
-    "GSQ with --init rtn only works with --scope mlp-only (pitfall P2: options must work on "
-    "every path)"))
 def test_rtn_init_for_gsq_all_linears(run):
     _, records, _, _ = run(_cfg("gsq", init="rtn"))
     _check_records(records, ALL_NAMES)
@@ -287,11 +282,6 @@ def test_qk_stage_runs_qk_steps(run, qk_steps):
     assert report["blocks"][0]["stages"][0]["steps"] == [qk_steps, qk_steps]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: sequential._train_quadratic runs evals * (qk_steps // evals) steps with "
-    "evals = min(QK_EVALS=10, qk_steps), so a qk_steps that is not a multiple of 10 is silently "
-    "rounded down: qk_steps=25 runs 20 steps, qk_steps=15 runs 10 (config.py: 'full-batch steps "
-    "of the Q/K quadratic stage')"))
 @pytest.mark.parametrize("qk_steps", [15, 25])
 def test_qk_stage_runs_qk_steps_not_a_multiple_of_ten(run, qk_steps):
     _, _, report, _ = run(_cfg("gsq", qk_steps=qk_steps, max_blocks=1))
@@ -308,10 +298,6 @@ def test_qk_steps_zero_keeps_the_gptq_codes(run):
         assert torch.equal(gsq[full].codes, gptq[full].codes)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
-    "src bug: quant/layerwise.py QuadraticObjective normalises by tr(W_f H W_fᵀ); for an all-zero "
-    "q_proj/k_proj weight that is 0, and val_loss() does `float(...) / self._norm_val` -> "
-    "ZeroDivisionError (a traceback, not a GSQError) in the Q/K stage; loss() gives NaN"))
 def test_all_zero_attention_weight_is_quantized(tiny_llama, windows):
     model = tiny_llama(0)
     with torch.no_grad():

@@ -88,9 +88,6 @@ def test_quadratic_training_improves_on_gptq(setup):
     assert run.init_val == pytest.approx(_trace_ratio(init.dequantize(), W_f, H_val), rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
-    "src bug: QuadraticObjective divides by tr(W_f H W_fᵀ) = 0 for an all-zero W_f: val_loss() "
-    "raises ZeroDivisionError and loss() returns NaN"))
 def test_objective_with_all_zero_weight_is_finite(setup):
     _, _, H_train, H_val = setup
     W_f = torch.zeros(8, 32)

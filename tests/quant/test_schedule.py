@@ -27,9 +27,6 @@ def test_last_step_kappa_and_lr_exact(T):
     assert s.lr_factor(T - 1) == 0.1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: Schedule.tau_at(T-1) returns 2.0 + (0.05 - 2.0) * 1.0 = 0.050000000000000044, "
-    "not exactly 0.05 as method §6 ('the last step runs at exactly tau = 0.05') requires"))
 @pytest.mark.parametrize("T", [1, 80, 1280])
 def test_last_step_tau_exact(T):
     assert Schedule(T).tau_at(T - 1) == 0.05

@@ -273,12 +273,6 @@ def test_batching_chunks_keeps_fixed_chunks():
     assert not all(tuple(ix) in chunks for ix in objective.seen)  # reshuffled per sample
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: trainer._epoch_order('chunks') shuffles all chunks of arange(n).split(batch_size), "
-    "including the partial last chunk when batch_size does not divide n; the steps then slice "
-    "that order every batch_size samples, so steps straddle chunks (n=30, B=8: a step gets "
-    "[24..29, 16, 17]) and batch composition is not fixed. Expected: drop the partial chunk "
-    "(or keep it last) so every step is one fixed chunk"))
 def test_batching_chunks_with_a_partial_chunk():
     W_f, H, objective = _problem(n_train=30, T=4)
     init = gptq_quantize(W_f, H, QuantSpec(2, G))

@@ -117,8 +117,9 @@ def _quantizers(init: dict[str, QuantizedWeight], cfg: QuantizeConfig, seed: int
 def _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress) -> tuple[dict, list]:
     """Q/K stage: each linear alone on tr(ΔW H ΔWᵀ), validated on the val buffer's Hessian."""
     H_val = _hessians(bc, adapter, list(init), bufs.val, cfg.train.micro_batch_size)
-    # Every step is full-batch; the held-out loss is checked QK_EVALS times over the run.
-    evals = max(1, min(QK_EVALS, cfg.qk_steps))
+    # Every step is full-batch; the held-out loss is checked `evals` times over the run, where
+    # evals <= QK_EVALS divides qk_steps so that exactly qk_steps steps run.
+    evals = max((d for d in range(1, QK_EVALS + 1) if cfg.qk_steps % d == 0), default=1)
     qk_cfg = TrainConfig(epochs=evals if cfg.qk_steps else 0, batch_size=1, micro_batch_size=1,
                          logit_lr=cfg.train.logit_lr, scale_lr=cfg.train.scale_lr,
                          weight_decay=cfg.train.weight_decay, betas=cfg.train.betas, cosine=False,
@@ -128,6 +129,7 @@ def _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress) -> tuple[d
     for qi, (name, qw) in enumerate(init.items()):
         objective = QuadraticObjective(name, bc.W_f[name], H[name], H_val[name],
                                        steps_per_epoch=max(1, cfg.qk_steps // evals))
+
         quantizers = _quantizers({name: qw}, cfg, derive_seed(seed, qi))
         run = train_quantizers(quantizers, objective, qk_cfg, derive_seed(seed, qi), progress,
                                desc=f"block {bc.index} {name}")
@@ -189,6 +191,8 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
         seed = derive_seed(cfg.seed, bc.index, _STAGE_IDS.get(stage.name, 0))
         try:
             if stage.objective == "quadratic":
+                if not H:  # RTN init: the quadratic loss still needs the stage's Hessians
+                    H = _hessians(bc, adapter, list(specs), bufs.gptq, micro)
                 results, runs = _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress)
             else:
                 results, runs = _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress)

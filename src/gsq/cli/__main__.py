@@ -106,13 +106,15 @@ def build_config(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gsq.api import quantize
+    from gsq.quant.types import QuantSpec
 
     cfg = build_config(args)
     result = quantize(args.model, cfg, calib=args.calib, out=args.out, device=args.device,
                       progress=not args.quiet, overwrite=args.overwrite)
     r = result.report
+    spec = QuantSpec(cfg.bits, cfg.group_size)
     print(f"quantized {r['quantized_tensors']} tensors of {r['blocks_quantized']}/{r['blocks_total']} "
-          f"blocks with {cfg.method} {cfg.bits}-bit g{cfg.group_size}: {r['bpp']:.3f} bpp, "
+          f"blocks with {cfg.method} {spec.label}: {r['bpp']:.3f} bpp, "
           f"{r['wall_seconds']:.1f} s -> {args.out}")
     return 0
 
@@ -144,6 +146,8 @@ def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise GSQError(f"folder of --json '{args.json}' does not exist")
     result = evaluate(args.model, args.text, args.seqlen, args.max_tokens, args.base, args.device,
                       not args.quiet)
     line = json.dumps(result)
@@ -184,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
     try:
         return handlers[args.command](args)

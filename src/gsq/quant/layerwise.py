@@ -28,8 +28,10 @@ class QuadraticObjective:
         self.W_f = W_f.detach().float()
         self.H_train, self.H_val = H_train.float(), H_val.float()
         self.dtype = torch.float32
-        self._norm_train = float(quadratic_error(torch.zeros_like(self.W_f), self.W_f, self.H_train))
-        self._norm_val = float(quadratic_error(torch.zeros_like(self.W_f), self.W_f, self.H_val))
+        # relative to the error of the all-zero weight; 1 when that is 0 (an all-zero layer)
+        zero = torch.zeros_like(self.W_f)
+        self._norm_train = float(quadratic_error(zero, self.W_f, self.H_train)) or 1.0
+        self._norm_val = float(quadratic_error(zero, self.W_f, self.H_val)) or 1.0
 
     def loss(self, weights: dict[str, Tensor], indices: Tensor) -> Tensor:
         return quadratic_error(weights[self.name], self.W_f, self.H_train) / self._norm_train

@@ -21,13 +21,16 @@ class Schedule:
     def _progress(self, step: int) -> float:
         return step / (self.total_steps - 1) if self.total_steps > 1 else 1.0
 
+    @staticmethod
+    def _linear(start: float, end: float, progress: float) -> float:
+        # written so that progress 0 and 1 give start and end exactly
+        return start * (1.0 - progress) + end * progress
+
     def tau_at(self, step: int) -> float:
-        start, end = self.tau
-        return start + (end - start) * self._progress(step)
+        return self._linear(*self.tau, self._progress(step))
 
     def kappa_at(self, step: int) -> float:
-        start, end = self.kappa
-        return start + (end - start) * self._progress(step)
+        return self._linear(*self.kappa, self._progress(step))
 
     def lr_factor(self, step: int) -> float:
         if not self.cosine:

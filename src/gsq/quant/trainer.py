@@ -84,9 +84,12 @@ class TrainResult:
 def _epoch_order(n: int, epoch: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
     if cfg.batching == "reshuffle":
         return torch.randperm(n, generator=gen)
-    # "chunks": fixed chunks of batch_size consecutive samples, chunk order shuffled
-    chunks = torch.arange(n).split(cfg.batch_size)
-    return torch.cat([chunks[i] for i in torch.randperm(len(chunks), generator=gen)])
+    # "chunks": fixed chunks of batch_size consecutive samples, order of the full chunks shuffled;
+    # a partial last chunk stays last (the epoch drops it: it would not make a full batch)
+    full = n // cfg.batch_size
+    chunks = torch.arange(full * cfg.batch_size).view(full, cfg.batch_size)
+    order = chunks[torch.randperm(full, generator=gen)].flatten()
+    return torch.cat([order, torch.arange(full * cfg.batch_size, n)])
 
 
 def _hard_weights(results: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict[str, Tensor]:
