@@ -187,7 +187,7 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
     micro = cfg.train.micro_batch_size
     init, H = _initial_assignment(bc, adapter, cfg, specs, bufs, micro)
     results, runs = init, []
-    if cfg.method == "gsq":
+    if cfg.method == "gsq" and stage.name in cfg.gsq_stages:
         seed = derive_seed(cfg.seed, bc.index, _STAGE_IDS.get(stage.name, 0))
         try:
             if stage.objective == "quadratic":
