@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -77,10 +78,8 @@ def bits_per_parameter(records: dict[str, QuantizedWeight]) -> float:
 
 def reset_peak_memory(device: torch.device) -> None:
     """Restart peak-memory tracking (host: Linux's VmHWM via /proc/self/clear_refs; CUDA stats)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

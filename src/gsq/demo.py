@@ -23,7 +23,7 @@ def format_table(rows: list[dict]) -> str:
     head = "| model | ppl | KL vs base | top-1 | bpp | quantize s | peak RAM GiB |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
-        def fmt(key, spec):
+        def fmt(key, spec, r=r):
             value = r.get(key)
             return "-" if value is None else format(value, spec)
         lines.append(f"| {r['name']} | {fmt('ppl', '.3f')} | {fmt('kl', '.4f')} | "

@@ -56,7 +56,7 @@ class ActivationObjective:
     @torch.no_grad()
     def val_loss(self, weights: dict[str, Tensor]) -> float:
         total, count = 0.0, 0
-        for x, y in zip(self.val_in.split(self.micro), self.val_out.split(self.micro)):
+        for x, y in zip(self.val_in.split(self.micro), self.val_out.split(self.micro), strict=True):
             pred = self._forward(weights, x.to(self.device)).float()
             total += float(F.mse_loss(pred, y.to(self.device).float(), reduction="sum"))
             count += y.numel()

@@ -80,9 +80,11 @@ def _read_one(path: Path) -> str:
         # utf-8-sig: plain UTF-8, minus a leading byte-order mark if an editor wrote one.
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise GSQError(f"calibration file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})")
+        raise GSQError(
+            f"calibration file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
     except OSError as e:
-        raise GSQError(f"cannot read calibration file '{path}': {e.strerror or e}")
+        raise GSQError(f"cannot read calibration file '{path}': {e.strerror or e}") from e
 
 
 def bundled_text_path() -> Path:

@@ -62,7 +62,7 @@ def eval_mode(*models: Any) -> Iterator[None]:
             m.eval()
         yield
     finally:
-        for m, flag in zip(models, was_training):
+        for m, flag in zip(models, was_training, strict=True):
             m.train(flag)
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gsq.quant.grids import to_bf16_grid
 from gsq.quant.sampler import CategoricalSample, TernarySample
 from gsq.quant.types import QuantizedWeight, QuantSpec
-from gsq.quant.grids import to_bf16_grid
 
 SHIFTS = (-2, -1, 0, 1, 2)
 

@@ -133,7 +133,7 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
         for b in range(per_epoch):
             idx = order[b * batch : (b + 1) * batch]
             tau, kappa, factor = sched.tau_at(step), sched.kappa_at(step), sched.lr_factor(step)
-            for group, base in zip(opt.param_groups, base_lrs):
+            for group, base in zip(opt.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             opt.zero_grad(set_to_none=True)
             total = 0.0
