@@ -1,4 +1,5 @@
-"""Library entry points: quantize a model from a source, evaluate a model (no argument parsing here).
+"""Library entry points: quantize a model from a source, evaluate a model
+(no argument parsing here).
 
     from gsq import quantize, cpu_preset
     result = quantize("smollm2-demo", cpu_preset(bits=2, group_size=64), out="smollm2-gsq-2bit")
@@ -45,7 +46,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def load_any_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A base model (hub id, HF dir, .gguf, demo alias) or a gsq quantized directory -> (model, tok)."""
+    """A base model (hub id, HF dir, .gguf, demo alias) or a gsq quantized directory
+    -> (model, tok)."""
     from gsq.models.loading import load_base_model, resolve_model_source
 
     if is_quantized_dir(source):
@@ -71,7 +73,8 @@ def calibration_windows(tokens: torch.Tensor, cfg: QuantizeConfig) -> dict[str, 
 
 def bits_per_parameter(records: dict[str, QuantizedWeight]) -> float:
     """(code bits + 16 per group) / weights, over the quantized tensors only (method §13)."""
-    bits = sum(qw.spec.code_bits * qw.codes.numel() + 16 * qw.scale.numel() for qw in records.values())
+    bits = sum(qw.spec.code_bits * qw.codes.numel() + 16 * qw.scale.numel()
+               for qw in records.values())
     numel = sum(qw.codes.numel() for qw in records.values())
     return bits / numel if numel else float("nan")
 

@@ -104,8 +104,8 @@ def gpu_preset(**changes) -> QuantizeConfig:
 def paper_preset(**changes) -> QuantizeConfig:
     """The paper's recipe (method §6, §9): 4096 x 4096 tokens, batch 64, 20 epochs, g128."""
     train = TrainConfig(epochs=20, batch_size=64, micro_batch_size=4)
-    base = QuantizeConfig(nsamples=4096, val_samples=128, gptq_samples=512, seqlen=4096, train=train,
-                          qk_steps=2000)
+    base = QuantizeConfig(nsamples=4096, val_samples=128, gptq_samples=512, seqlen=4096,
+                          train=train, qk_steps=2000)
     return base.replace(**changes)
 
 

@@ -57,7 +57,8 @@ def run_demo(bits=2, group_size: int = 64, text: str | None = None, max_tokens: 
         out = Path(out_dir) / f"{method}-{bits}bit-g{group_size}"
         result = quantize(DEMO_SOURCE, cfg, out=out, device=device, progress=progress,
                           overwrite=True)
-        metrics = evaluate_against_base(result.model, base_model, tokens, seqlen, max_tokens, device)
+        metrics = evaluate_against_base(result.model, base_model, tokens, seqlen, max_tokens,
+                                        device)
         r = result.report
         rows.append({"name": f"{method.upper()} {bits}-bit g{group_size}", **metrics,
                      "bpp": r["bpp"], "seconds": r["quantize_seconds"],

@@ -70,7 +70,8 @@ def test_missing_path(name: str) -> None:
         load_base_model(name)
 
 
-def test_missing_path_under_existing_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_path_under_existing_folder(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
     # "models/foo" looks like a hub id, but the folder "models" exists here: it is a path.

@@ -1,4 +1,5 @@
-"""Capture the inputs of block 0 and the keyword arguments every block is called with (GPTQ "Catcher").
+"""Capture the inputs of block 0 and the keyword arguments every block is called with
+(GPTQ "Catcher").
 
 The model runs up to its first block, whose forward pre-hook records the hidden states
 `(batch, seq, hidden)` and raises to stop the forward. The keyword arguments (rotary position
@@ -53,7 +54,8 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, ids: Tensor, d
 @torch.no_grad()
 def capture_block_context(model: nn.Module, adapter: ModelAdapter, seqlen: int,
                           device: torch.device) -> dict[str, Any]:
-    """Keyword arguments of a block call for sequences of `seqlen` tokens (batch 1, broadcastable)."""
+    """Keyword arguments of a block call for sequences of `seqlen` tokens
+    (batch 1, broadcastable)."""
     ids = torch.zeros(1, seqlen, dtype=torch.long, device=device)
     _, kwargs = _run_to_first_block(model, adapter.blocks(model)[0], ids)
     return {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}

@@ -11,7 +11,8 @@ from gsq.quant.hessian import HessianAccumulator
 
 
 @contextmanager
-def collect_hessians(block: nn.Module, linear_names: list[str]) -> Iterator[dict[str, HessianAccumulator]]:
+def collect_hessians(block: nn.Module,
+                     linear_names: list[str]) -> Iterator[dict[str, HessianAccumulator]]:
     """Accumulate H = (2/n) Σ x xᵀ of each named linear's inputs while the block runs."""
     accumulators: dict[str, HessianAccumulator] = {}
     handles = []

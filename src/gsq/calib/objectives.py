@@ -16,7 +16,8 @@ from torch.func import functional_call
 
 
 class _SubBlock(nn.Module):
-    """Wraps `fn(block, x)` as a module so that `functional_call` can replace the block's weights."""
+    """Wraps `fn(block, x)` as a module so that `functional_call` can replace the block's
+    weights."""
 
     def __init__(self, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor]) -> None:
         super().__init__()
@@ -30,7 +31,8 @@ class _SubBlock(nn.Module):
 class ActivationObjective:
     """Mean squared error of `fn(block, x)` with trial weights against cached targets.
 
-    inputs/targets: `(N, T, hidden)`; `weights` map linear names (e.g. "mlp.up_proj") to `(out, in)`.
+    inputs/targets: `(N, T, hidden)`; `weights` map linear names (e.g. "mlp.up_proj") to
+    `(out, in)`.
     """
 
     def __init__(self, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor],

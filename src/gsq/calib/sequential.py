@@ -61,7 +61,8 @@ class BlockContext:
     targets: dict[str, Tensor] = field(default_factory=dict)  # FP outputs: attn_/block_ train/val
 
 
-def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str, block: nn.Module) -> dict[str, QuantSpec]:
+def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str,
+                block: nn.Module) -> dict[str, QuantSpec]:
     """The linears of `stage` to quantize in this block, with their specs (skips removed)."""
     specs = {}
     for name in stage.linears:
@@ -162,7 +163,8 @@ def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tu
     return run.results, [run]
 
 
-def _run_summary(stage: StageSpec, names: list[str], runs: list[TrainResult], seconds: float) -> dict:
+def _run_summary(stage: StageSpec, names: list[str], runs: list[TrainResult],
+                 seconds: float) -> dict:
     return {
         "stage": stage.name,
         "linears": names,
@@ -195,7 +197,8 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
                     H = _hessians(bc, adapter, list(specs), bufs.gptq, micro)
                 results, runs = _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress)
             else:
-                results, runs = _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress)
+                results, runs = _train_activation(bc, adapter, cfg, stage, init, bufs, seed,
+                                                  progress)
         except FloatingPointError as err:
             raise GSQError(f"block {bc.index} stage {stage.name}: {err}") from err
     _set_weights(bc.block, results)
@@ -256,7 +259,8 @@ def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: Qua
 def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
                      cfg: QuantizeConfig, device: torch.device,
                      progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Quantize `model` in place, block by block, on calibration windows {train, val, gptq} `(N, T)`.
+    """Quantize `model` in place, block by block, on calibration windows {train, val, gptq}
+    `(N, T)`.
 
     Returns the records of every quantized linear (by full module name) and the run report.
     """
@@ -269,13 +273,15 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
         module.to(device)
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
     bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
-                                          cfg.train.micro_batch_size) for s in ("train", "val", "gptq")))
+                                          cfg.train.micro_batch_size)
+                     for s in ("train", "val", "gptq")))
     records, block_reports = {}, []
     for index in tqdm(range(n_blocks), desc="blocks", unit="block", disable=not progress):
         block = blocks[index]
         home = next(block.parameters()).device
         block.to(device)
-        block_records, report, bufs = quantize_block(block, index, adapter, cfg, bufs, ctx, progress)
+        block_records, report, bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
+                                                     progress)
         block.to(home)
         records.update(block_records)
         block_reports.append(report)

@@ -48,7 +48,8 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
                    help="budget defaults that the flags below override (default: cpu)")
     p.add_argument("--calib", default=None,
-                   help="text file or folder, or fineweb-edu / c4 / wikitext (default: bundled book)")
+                   help="text file or folder, or fineweb-edu / c4 / wikitext "
+                        "(default: bundled book)")
     p.add_argument("--nsamples", type=_positive, help="training sequences")
     p.add_argument("--val-samples", type=_positive, help="held-out calibration sequences")
     p.add_argument("--gptq-samples", type=_positive, help="sequences for GPTQ Hessians")
@@ -113,7 +114,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                       progress=not args.quiet, overwrite=args.overwrite)
     r = result.report
     spec = QuantSpec(cfg.bits, cfg.group_size)
-    print(f"quantized {r['quantized_tensors']} tensors of {r['blocks_quantized']}/{r['blocks_total']} "
+    print(f"quantized {r['quantized_tensors']} tensors of "
+          f"{r['blocks_quantized']}/{r['blocks_total']} "
           f"blocks with {cfg.method} {spec.label}: {r['bpp']:.3f} bpp, "
           f"{r['wall_seconds']:.1f} s -> {args.out}")
     return 0
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize_args(sub.add_parser("quantize", help="quantize a model"))
     _add_eval_args(sub.add_parser("eval", help="perplexity, KL and top-1 agreement"))
-    demo = sub.add_parser("demo", help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; print a table")
+    demo = sub.add_parser("demo",
+                          help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; print a table")
     demo.add_argument("--bits", type=_bits, default=2)
     demo.add_argument("--group-size", type=_positive, default=64)
     demo.add_argument("--text", required=True, help="evaluation text (e.g. WikiText-2 test)")

@@ -88,5 +88,6 @@ def perplexity(
             total_nll += F.cross_entropy(logits, targets, reduction="sum").item()
     n_pred = windows.shape[0] * (seqlen - 1)
     nll = total_nll / n_pred
-    log.info("perplexity %.4f over %s tokens (%d windows)", math.exp(nll), f"{n_pred:,}", len(windows))
+    log.info("perplexity %.4f over %s tokens (%d windows)", math.exp(nll), f"{n_pred:,}",
+             len(windows))
     return {"ppl": math.exp(nll), "nll": nll, "tokens": n_pred, "windows": windows.shape[0]}

@@ -1,13 +1,15 @@
 """The quantized-model directory: what `gsq quantize` writes and `gsq eval` / transformers read.
 
 Layout:
-  config.json, model.safetensors, tokenizer files   a plain Hugging Face checkpoint whose quantized
-                                                    linears hold the dequantized weights W_r = s·codes
-  gsq_codes.safetensors                             "<module>.codes" int8 (out, in) and
-                                                    "<module>.scale" bfloat16 (out, in / group_size)
-  gsq_config.json                                   format version, the run's config, and per module:
-                                                    bits, group size, shape
-  report.json                                       per block/stage losses and times; totals
+  config.json, model.safetensors, tokenizer files
+      a plain Hugging Face checkpoint whose quantized linears hold the dequantized
+      weights W_r = s·codes
+  gsq_codes.safetensors
+      "<module>.codes" int8 (out, in) and "<module>.scale" bfloat16 (out, in / group_size)
+  gsq_config.json
+      format version, the run's config, and per module: bits, group size, shape
+  report.json
+      per block/stage losses and times; totals
 The directory is written under a temporary name next to the target and renamed at the end, so an
 interrupted or failed run leaves nothing at the target path.
 """
@@ -72,12 +74,14 @@ def _records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.
     tensors = {}
     for name, qw in records.items():
         tensors[f"{name}.codes"] = qw.codes.to(torch.int8).contiguous().cpu()
-        tensors[f"{name}.scale"] = qw.scale.to(torch.bfloat16).contiguous().cpu()  # exact: bf16 grid
+        # exact: the scales lie on the bf16 grid
+        tensors[f"{name}.scale"] = qw.scale.to(torch.bfloat16).contiguous().cpu()
     return tensors
 
 
-def save_quantized(out: str | Path, model: nn.Module, tokenizer, records: dict[str, QuantizedWeight],
-                   config: dict, report: dict, overwrite: bool = False) -> Path:
+def save_quantized(out: str | Path, model: nn.Module, tokenizer,
+                   records: dict[str, QuantizedWeight], config: dict, report: dict,
+                   overwrite: bool = False) -> Path:
     """Write the quantized model directory atomically (see module docstring)."""
     meta = {
         "format": FORMAT_NAME,
@@ -105,7 +109,8 @@ def load_records(path: str | Path) -> dict[str, QuantizedWeight]:
     except (OSError, ValueError) as err:
         raise GSQError(f"cannot read gsq quantized directory '{path}': {err}") from err
     if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise GSQError(f"'{path}' is not a gsq quantized directory of format version {FORMAT_VERSION}")
+        raise GSQError(
+            f"'{path}' is not a gsq quantized directory of format version {FORMAT_VERSION}")
     records = {}
     for name, info in meta["modules"].items():
         spec = QuantSpec(parse_bits(info["bits"]), int(info["group_size"]))
@@ -119,7 +124,8 @@ def apply_records(model: nn.Module, records: dict[str, QuantizedWeight]) -> None
     for name, qw in records.items():
         weight = model.get_submodule(name).weight
         if tuple(weight.shape) != qw.shape:
-            raise GSQError(f"shape mismatch for {name}: model {tuple(weight.shape)}, codes {qw.shape}")
+            raise GSQError(
+                f"shape mismatch for {name}: model {tuple(weight.shape)}, codes {qw.shape}")
         with torch.no_grad():
             weight.copy_(qw.dequantize(weight.dtype))
 

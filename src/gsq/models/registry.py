@@ -1,4 +1,7 @@
-"""model_type -> adapter. Architecture is chosen by `config.model_type`, never by name substrings."""
+"""model_type -> adapter.
+
+Architecture is chosen by `config.model_type`, never by name substrings.
+"""
 
 from __future__ import annotations
 

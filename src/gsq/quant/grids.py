@@ -17,7 +17,8 @@ SEARCH_NORM = 2.4
 
 
 def to_bf16_grid(scale: Tensor) -> Tensor:
-    """Round fp32 scales to the nearest bfloat16 value, kept as fp32 (scales are stored in 16 bits)."""
+    """Round fp32 scales to the nearest bfloat16 value, kept as fp32
+    (scales are stored in 16 bits)."""
     return scale.to(torch.bfloat16).to(torch.float32)
 
 

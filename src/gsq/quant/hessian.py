@@ -23,7 +23,8 @@ class HessianAccumulator:
 
 
 def damp_hessian(H: Tensor, percdamp: float = 0.1) -> tuple[Tensor, Tensor]:
-    """Return (damped H, dead-column mask): dead columns get H_ii = 1, then H += percdamp·mean(diag)·I."""
+    """Return (damped H, dead-column mask): dead columns get H_ii = 1,
+    then H += percdamp·mean(diag)·I."""
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0

@@ -1,9 +1,9 @@
 """Seeded noise for the Gumbel-Softmax sampler (method §4, §18.1).
 
-Noise is never drawn from global RNG state. Every forward call gets an explicit `noise_seed`, derived
-from (run seed, block, stage, quantizer, step, micro-batch), and draws its uniforms from a fresh
-`torch.Generator` on the logits' device (method §18.1, option A). The backward rebuilds the same
-generator and so replays the same noise without storing it. This works on CPU and CUDA alike;
+Noise is never drawn from global RNG state. Every forward call gets an explicit `noise_seed`,
+derived from (run seed, block, stage, quantizer, step, micro-batch), and draws its uniforms from a
+fresh `torch.Generator` on the logits' device (method §18.1, option A). The backward rebuilds the
+same generator and so replays the same noise without storing it. This works on CPU and CUDA alike;
 the streams differ between device types, so runs reproduce per device type.
 """
 
@@ -25,7 +25,8 @@ def _splitmix64(x: int) -> int:
 
 
 def derive_seed(*parts: int) -> int:
-    """Hash integer parts (run seed, block, stage id, quantizer id, step, micro, ...) to a 63-bit seed."""
+    """Hash integer parts (run seed, block, stage id, quantizer id, step, micro, ...)
+    to a 63-bit seed."""
     h = 0x2545F4914F6CDD1D
     for part in parts:
         h = _splitmix64(h ^ (int(part) & _MASK64))

@@ -31,7 +31,8 @@ class InitConfig:
 
     init_std: float = 0.01  # σ_init: std of the logits' random part (paper App. A)
     init_strength: float | None = None  # α; None = 6 for 2/3/4-bit, 3 for ternary (paper)
-    shift_edge: str = "clip"  # 3/4-bit shifts past the grid edge: "clip" (paper) or "mask" (reference)
+    # 3/4-bit shifts past the grid edge: "clip" (paper) or "mask" (reference)
+    shift_edge: str = "clip"
     logits_dtype: torch.dtype = torch.float32
 
     def strength(self, spec: QuantSpec) -> float:
@@ -40,7 +41,8 @@ class InitConfig:
         return 3.0 if spec.is_ternary else 6.0
 
 
-def _init_logits(prior: Tensor, cfg: InitConfig, alpha: float, generator: torch.Generator) -> Tensor:
+def _init_logits(prior: Tensor, cfg: InitConfig, alpha: float,
+                 generator: torch.Generator) -> Tensor:
     eps = torch.randn(prior.shape, generator=generator, dtype=torch.float32)
     return (cfg.init_std * (eps + alpha * prior.cpu())).to(prior.device, cfg.logits_dtype)
 
@@ -64,7 +66,9 @@ class LogitQuantizer(nn.Module):
 
     def hard_result(self) -> QuantizedWeight:
         """The argmax assignment with the current scales rounded to their 16-bit storage."""
-        scale = to_bf16_grid(self.scale.detach().float()) if self.scale_dtype else self.scale.detach()
+        scale = self.scale.detach()
+        if self.scale_dtype:
+            scale = to_bf16_grid(scale.float())
         return QuantizedWeight(self.hard_codes(), scale.clone(), self.spec)
 
 
@@ -82,7 +86,8 @@ class GridQuantizer(LogitQuantizer):
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
         return CategoricalSample.apply(self.logits, self.scale, self.values, None, kappa, tau,
-                                       noise_seed, self.spec.group_size, self.scale_dtype, out_dtype)
+                                       noise_seed, self.spec.group_size, self.scale_dtype,
+                                       out_dtype)
 
     def hard_codes(self) -> Tensor:
         return self.values.flatten()[self.logits.detach().argmax(dim=0)].to(torch.int8)
@@ -111,7 +116,8 @@ class ShiftQuantizer(LogitQuantizer):
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
         return CategoricalSample.apply(self.logits, self.scale, self.values, self.valid, kappa, tau,
-                                       noise_seed, self.spec.group_size, self.scale_dtype, out_dtype)
+                                       noise_seed, self.spec.group_size, self.scale_dtype,
+                                       out_dtype)
 
     def hard_codes(self) -> Tensor:
         logits = self.logits.detach()
@@ -142,8 +148,10 @@ class TernaryQuantizer(LogitQuantizer):
         return (mask * sign).to(torch.int8)
 
 
-def make_quantizer(init: QuantizedWeight, cfg: InitConfig, generator: torch.Generator) -> LogitQuantizer:
-    """The quantizer for `init.spec.bits`, initialised around `init` (checked finite, pitfall P3)."""
+def make_quantizer(init: QuantizedWeight, cfg: InitConfig,
+                   generator: torch.Generator) -> LogitQuantizer:
+    """The quantizer for `init.spec.bits`, initialised around `init`
+    (checked finite, pitfall P3)."""
     if not torch.isfinite(init.scale).all() or (init.scale == 0).any():
         raise FloatingPointError("initial scales must be finite and non-zero")
     if init.spec.is_ternary:

@@ -23,7 +23,8 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _scale_for_forward(scale: Tensor, scale_dtype: torch.dtype | None, dtype: torch.dtype) -> Tensor:
+def _scale_for_forward(scale: Tensor, scale_dtype: torch.dtype | None,
+                       dtype: torch.dtype) -> Tensor:
     s = scale if scale_dtype is None else scale.to(scale_dtype)
     return s.to(dtype)
 
@@ -50,7 +51,8 @@ def categorical_probs(
 
 
 class CategoricalSample(torch.autograd.Function):
-    """W_soft = s · Σ_k p_k v_k with logits `(K, out, in)`, scale `(out, in/g)`, values `(K, out|1, in|1)`."""
+    """W_soft = s · Σ_k p_k v_k with logits `(K, out, in)`, scale `(out, in/g)`,
+    values `(K, out|1, in|1)`."""
 
     @staticmethod
     def forward(ctx, logits, scale, values, valid, kappa, tau, noise_seed, group_size, scale_dtype,
@@ -76,11 +78,14 @@ class CategoricalSample(torch.autograd.Function):
         h = G * expand_scale(_scale_for_forward(scale, scale_dtype, dtype), group_size)
         # ∂L/∂ℓ_k = (κ/τ) p_k (h v_k - Σ_j p_j h v_j) = (κ/τ) p_k h (v_k - code)
         grad_logits = (kappa / tau) * p * h * (v - code)
-        return grad_logits.to(logits.dtype), grad_scale, None, None, None, None, None, None, None, None
+        return (grad_logits.to(logits.dtype), grad_scale,
+                None, None, None, None, None, None, None, None)
 
 
-def ternary_probs(logits: Tensor, kappa: float, tau: float, noise_seed: int | None) -> tuple[Tensor, Tensor]:
-    """Mask m = σ((2κℓ_m + n_m)/τ) and sign b = 2σ((2κℓ_b + n_b)/τ) - 1 from logits `(2, out, in)`."""
+def ternary_probs(logits: Tensor, kappa: float, tau: float,
+                  noise_seed: int | None) -> tuple[Tensor, Tensor]:
+    """Mask m = σ((2κℓ_m + n_m)/τ) and sign b = 2σ((2κℓ_b + n_b)/τ) - 1
+    from logits `(2, out, in)`."""
     dtype = _compute_dtype(logits)
     z = 2.0 * kappa * logits.to(dtype)
     if noise_seed is not None:

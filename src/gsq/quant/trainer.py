@@ -61,7 +61,8 @@ class TrainConfig:
     # over the run (method §21); at the paper's budget the lr stays 1e-4. None = fixed logit_lr.
     logit_travel: float | None = DEFAULT_LOGIT_TRAVEL
     keep_best: bool = True  # return the best of init and every epoch by held-out hard loss
-    batching: str = "reshuffle"  # "reshuffle": new per-sample order each epoch; "chunks": fixed chunks
+    # "reshuffle": new per-sample order each epoch; "chunks": fixed chunks
+    batching: str = "reshuffle"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.micro_batch_size < 1:
@@ -102,7 +103,8 @@ def _soft_weights(quantizers: dict[str, LogitQuantizer], tau: float, kappa: floa
             for qi, (name, q) in enumerate(quantizers.items())}
 
 
-def _make_optimizer(quantizers: dict[str, LogitQuantizer], cfg: TrainConfig, logit_lr: float) -> Lion:
+def _make_optimizer(quantizers: dict[str, LogitQuantizer], cfg: TrainConfig,
+                    logit_lr: float) -> Lion:
     groups = [
         {"params": [q.logits for q in quantizers.values()], "lr": logit_lr,
          "weight_decay": cfg.weight_decay},
@@ -113,7 +115,8 @@ def _make_optimizer(quantizers: dict[str, LogitQuantizer], cfg: TrainConfig, log
 
 def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective, cfg: TrainConfig,
                      seed: int, progress: bool = False, desc: str = "") -> TrainResult:
-    """Train `quantizers` jointly on `objective`; returns the best hard assignment (see module doc)."""
+    """Train `quantizers` jointly on `objective`; returns the best hard assignment
+    (see module doc)."""
     n = objective.n_train
     batch = min(cfg.batch_size, n)
     per_epoch = n // batch

@@ -60,7 +60,9 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.bits}-bit g{self.group_size}" if not self.is_ternary else f"ternary g{self.group_size}"
+        if self.is_ternary:
+            return f"ternary g{self.group_size}"
+        return f"{self.bits}-bit g{self.group_size}"
 
 
 def parse_bits(value: str | int) -> int | str:
@@ -78,7 +80,8 @@ class QuantizedWeight:
     """Integer codes and per-group scales of one linear weight.
 
     codes: int8 `(out, in)`, each in [spec.qmin, spec.qmax].
-    scale: float32 `(out, in // group_size)`, values exactly representable in bfloat16 (stored as 16 bits).
+    scale: float32 `(out, in // group_size)`, values exactly representable in bfloat16
+    (stored as 16 bits).
     """
 
     codes: Tensor
