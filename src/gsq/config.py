@@ -40,6 +40,7 @@ class QuantizeConfig:
     gptq_block_size: int = 128
     static_groups: bool = False
     seed: int = 0
+    offload_activations: bool = True  # keep calibration activations on the host between uses
     max_blocks: int | None = None  # quantize only the first N blocks (smoke tests, comparisons)
 
     def __post_init__(self) -> None:

@@ -66,6 +66,10 @@ class ActivationObjective:
 
 
 @torch.no_grad()
-def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
-    """Apply `fn` to `x` `(N, ...)` in batches along dim 0, keeping results on x's device."""
-    return torch.cat([fn(chunk).to(x.device) for chunk in x.split(batch_size)])
+def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int,
+                device: torch.device | None = None) -> Tensor:
+    """Apply `fn` to `x` `(N, ...)` in batches along dim 0, each batch moved to `device` (default:
+    x's device) for the call; results are gathered back on x's device (e.g. host-offloaded buffers).
+    """
+    device = x.device if device is None else device
+    return torch.cat([fn(chunk.to(device)).to(x.device) for chunk in x.split(batch_size)])

@@ -60,6 +60,11 @@ class BlockContext:
     W_f: dict[str, Tensor]  # original weights of the in-scope linears
     targets: dict[str, Tensor] = field(default_factory=dict)  # FP outputs: attn_/block_ train/val
 
+    @property
+    def device(self) -> torch.device:
+        """Where the block (and its training state) lives; buffers may live on the host."""
+        return next(self.block.parameters()).device
+
 
 def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str,
                 block: nn.Module) -> dict[str, QuantSpec]:
@@ -87,7 +92,7 @@ def _hessians(bc: BlockContext, adapter: ModelAdapter, names: list[str], x: Tens
     """H of each named linear's inputs while `x` runs through the block in its current state."""
     with collect_hessians(bc.block, names) as accs:
         for chunk in x.split(micro):
-            adapter.block_forward(bc.block, chunk, bc.ctx)
+            adapter.block_forward(bc.block, chunk.to(bc.device), bc.ctx)
     return {name: acc.H for name, acc in accs.items()}
 
 
@@ -153,8 +158,8 @@ def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tu
 
         def fn(block, x):
             return adapter.mlp_residual(block, x)
-        train = (map_batches(attn, bufs.train, micro), bc.targets["block_train"])
-        val = (map_batches(attn, bufs.val, micro), bc.targets["block_val"])
+        train = (map_batches(attn, bufs.train, micro, bc.device), bc.targets["block_train"])
+        val = (map_batches(attn, bufs.val, micro, bc.device), bc.targets["block_val"])
     device = next(bc.block.parameters()).device
     objective = ActivationObjective(bc.block, fn, train, val, micro, device)
     quantizers = _quantizers(init, cfg, seed)
@@ -214,10 +219,10 @@ def _cache_fp_targets(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, mi
 
     splits = {"val": bufs.val, "train": bufs.train} if need_train else {"val": bufs.val}
     for split, x in splits.items():
-        attn_out = map_batches(attn, x, micro)
+        attn_out = map_batches(attn, x, micro, bc.device)
         bc.targets[f"attn_{split}"] = attn_out
         bc.targets[f"block_{split}"] = map_batches(lambda h: adapter.mlp_residual(bc.block, h),
-                                                   attn_out, micro)
+                                                   attn_out, micro, bc.device)
 
 
 @torch.no_grad()
@@ -226,7 +231,7 @@ def _propagate(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, micro: in
     def run(x):
         return adapter.block_forward(bc.block, x, bc.ctx)
 
-    return Buffers(*(map_batches(run, x, micro) for _, x in bufs.items()))
+    return Buffers(*(map_batches(run, x, micro, bc.device) for _, x in bufs.items()))
 
 
 def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: QuantizeConfig,
@@ -272,17 +277,20 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     for module in adapter.embedding_modules(model):
         module.to(device)
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
+    # Activations live on the host between blocks (unless offload is off): only the current
+    # block and its training state occupy the device.
+    home = torch.device("cpu") if cfg.offload_activations else device
     bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
-                                          cfg.train.micro_batch_size)
+                                          cfg.train.micro_batch_size).to(home)
                      for s in ("train", "val", "gptq")))
     records, block_reports = {}, []
     for index in tqdm(range(n_blocks), desc="blocks", unit="block", disable=not progress):
         block = blocks[index]
-        home = next(block.parameters()).device
+        block_home = next(block.parameters()).device
         block.to(device)
         block_records, report, bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
                                                      progress)
-        block.to(home)
+        block.to(block_home)
         records.update(block_records)
         block_reports.append(report)
         log.info("block %d: rel. output MSE %.4g, %.1f s", index, report["val_block_rel_mse"],
