@@ -1,11 +1,11 @@
 """Quality table: RTN / GPTQ / GSQ on one model, same calibration set, group size and seed.
 
-Rows (pick with --rows): "main" = RTN, GPTQ, GSQ at each --bits with the --preset budget, all linears
-of every block; "reference" = GPTQ and GSQ, MLP only, at the budget the authors' reference code was
+Rows (pick with --rows): "main" = RTN, GPTQ, GSQ at each --bits with the --preset budget, all
+linears of every block; "reference" = GPTQ and GSQ, MLP only, at the budget the authors' reference code was
 measured with (method spec §21: 256 train + 32 val + 128 GPTQ sequences of 2048 tokens, batch 32,
 micro-batch 8, 10 epochs = 80 Lion steps per block), 2 and 3 bit.
-Columns: WikiText-2 perplexity, KL(base || quantized) and top-1 agreement (first --max-tokens tokens,
-windows of --seqlen, fp32), bpp, quantize wall time, peak host RSS and CUDA memory.
+Columns: WikiText-2 perplexity, KL(base || quantized) and top-1 agreement (first --max-tokens
+tokens, windows of --seqlen, fp32), bpp, quantize wall time, peak host RSS and CUDA memory.
 
     python benchmarks/quality.py --device cuda --bits 4 3 2 ternary --rows main reference \
         --json benchmarks/results/quality-gpu.json
@@ -118,7 +118,7 @@ def write_json(path: str | None, meta: dict, rows: list[dict]) -> None:
 def run_meta(device: torch.device) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
             "command": " ".join(sys.argv), "torch": torch.__version__}
 
 

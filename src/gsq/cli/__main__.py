@@ -74,7 +74,8 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--max-blocks", type=_positive, help="quantize only the first N blocks")
     p.add_argument("--keep-activations-on-device", action="store_true",
-                   help="keep calibration activations on the GPU between blocks (faster, more memory)")
+                   help="keep calibration activations on the GPU between blocks (faster, uses "
+                        "more GPU memory)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -102,7 +103,8 @@ def build_config(args: argparse.Namespace):
         return base.replace(
             method=args.method, bits=args.bits, group_size=args.group_size, init=args.init,
             scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
-            seed=args.seed, offload_activations=not args.keep_activations_on_device, train=dataclasses.replace(base.train, **train_changes), **changes)
+            seed=args.seed, offload_activations=not args.keep_activations_on_device,
+            train=dataclasses.replace(base.train, **train_changes), **changes)
     except ValueError as err:
         raise GSQError(str(err)) from err
 
@@ -146,7 +148,8 @@ def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
     if base is None:
         return perplexity(model, tokens, seqlen, max_tokens, device=str(dev), progress=progress)
     base_model, _ = load_any_model(base, device=str(dev))
-    return compare_with_base(model, base_model, tokens, seqlen, max_tokens, device=str(dev))
+    return compare_with_base(model, base_model, tokens, seqlen, max_tokens, device=str(dev),
+                             progress=progress)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
