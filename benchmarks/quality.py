@@ -2,8 +2,8 @@
 
 Rows (pick with --rows): "main" = RTN, GPTQ, GSQ at each --bits with the --preset budget, all
 linears of every block; "reference" = GPTQ and GSQ, MLP only, at the budget the authors' reference
-code was measured with (method spec §21: 256 train + 32 val + 128 GPTQ sequences of 2048 tokens, batch 32,
-micro-batch 8, 10 epochs = 80 Lion steps per block), 2 and 3 bit.
+code was measured with (method spec §21: 256 train + 32 val + 128 GPTQ sequences of 2048
+tokens, batch 32, micro-batch 8, 10 epochs = 80 Lion steps per block), 2 and 3 bit.
 Columns: WikiText-2 perplexity, KL(base || quantized) and top-1 agreement (first --max-tokens
 tokens, windows of --seqlen, fp32), bpp, quantize wall time, peak host RSS and CUDA memory.
 
