@@ -11,6 +11,7 @@ Only the current block and its training state live on the device; the model skel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from gsq.quant.layerwise import QuadraticObjective
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import make_quantizer
 from gsq.quant.rtn import rtn_quantize
-from gsq.quant.trainer import TrainConfig, TrainResult, train_quantizers
+from gsq.quant.trainer import TrainResult, train_quantizers
 from gsq.quant.types import QuantizedWeight, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,9 @@ def _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress) -> tuple[d
     # Every step is full-batch; the held-out loss is checked `evals` times over the run, where
     # evals <= QK_EVALS divides qk_steps so that exactly qk_steps steps run.
     evals = max((d for d in range(1, QK_EVALS + 1) if cfg.qk_steps % d == 0), default=1)
-    qk_cfg = TrainConfig(epochs=evals if cfg.qk_steps else 0, batch_size=1, micro_batch_size=1,
-                         logit_lr=cfg.train.logit_lr, scale_lr=cfg.train.scale_lr,
-                         weight_decay=cfg.train.weight_decay, betas=cfg.train.betas, cosine=False,
-                         tau=cfg.train.tau, kappa=cfg.train.kappa,
-                         logit_travel=cfg.train.logit_travel, keep_best=cfg.train.keep_best)
+    # The stage's optimiser settings, with full-batch steps and a constant lr (method §7).
+    qk_cfg = dataclasses.replace(cfg.train, epochs=evals if cfg.qk_steps else 0, batch_size=1,
+                                 micro_batch_size=1, cosine=False)
     results, runs = {}, []
     for qi, (name, qw) in enumerate(init.items()):
         objective = QuadraticObjective(name, bc.W_f[name], H[name], H_val[name],
