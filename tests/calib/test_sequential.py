@@ -232,8 +232,9 @@ def test_collect_hessians_removes_hooks_even_on_error(tiny_llama):
     assert not any(block.get_submodule(n)._forward_pre_hooks for n in names)
 
 
-def test_block_one_hessians_come_from_the_quantized_prefix(tiny_llama, windows, monkeypatch):
-    """Propagation: block 1's GPTQ Hessians are those of inputs through the *quantized* block 0."""
+@pytest.fixture
+def gptq_hessians(monkeypatch) -> list:
+    """Records the Hessian of every gptq_quantize call made by the block loop, in call order."""
     seen = []
     real = seq_mod.gptq_quantize
 
@@ -242,6 +243,12 @@ def test_block_one_hessians_come_from_the_quantized_prefix(tiny_llama, windows, 
         return real(W, H, spec, *args, **kwargs)
 
     monkeypatch.setattr(seq_mod, "gptq_quantize", spy)
+    return seen
+
+
+def test_block_one_hessians_come_from_the_quantized_prefix(tiny_llama, windows, gptq_hessians):
+    """Propagation: block 1's GPTQ Hessians are those of inputs through the *quantized* block 0."""
+    seen = gptq_hessians
     model = tiny_llama(0)
     fp_model = tiny_llama(0)
     run_quantization(model, adapter_for("llama"), windows, _cfg("gptq"), CPU, progress=False)
@@ -318,17 +325,10 @@ def test_all_zero_mlp_weight_is_quantized(tiny_llama, windows):
 
 
 def test_stage_hessians_see_earlier_stages_hard_and_own_weights_fp(tiny_llama, windows,
-                                                                   monkeypatch):
+                                                                   gptq_hessians):
     """Method §3.1: a stage's GPTQ Hessians are collected with the block's earlier stages already
     quantized and the stage's own linears still in full precision."""
-    seen = []
-    real = seq_mod.gptq_quantize
-
-    def spy(W, H, spec, *args, **kwargs):
-        seen.append(H.clone())
-        return real(W, H, spec, *args, **kwargs)
-
-    monkeypatch.setattr(seq_mod, "gptq_quantize", spy)
+    seen = gptq_hessians
     model = tiny_llama(0)
     records, _ = run_quantization(model, adapter_for("llama"), windows, _cfg("gptq", max_blocks=1),
                                   CPU, progress=False)
