@@ -1,0 +1,78 @@
+"""Optional fused GPU kernels (Triton) for the GSQ sampler; the torch path stays the reference.
+
+`use_fused(t)` says whether the fused path applies to tensor `t`: CUDA, fp32/bf16/fp16, triton
+importable and env `GSQ_FUSED` not "0". `categorical_sample` / `ternary_sample` take exactly the
+arguments of `CategoricalSample.apply` / `TernarySample.apply` and dispatch on `use_fused(logits)`.
+Importing this package never imports triton; `gsq.kernels.sampler_triton` does.
+
+The fused and torch paths draw different noise streams (Philox in-kernel vs a seeded
+`torch.Generator`), so a run reproduces per path, not across paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from gsq.quant.sampler import CategoricalSample, TernarySample
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when triton imports (and with it the kernel module)."""
+    try:
+        import gsq.kernels.sampler_triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no fused path"
+        return False
+    return True
+
+
+def use_fused(tensor: Tensor) -> bool:
+    """Fused kernels for `tensor`'s sampler? CUDA, a supported logit dtype, triton importable
+    and `GSQ_FUSED` != "0" (the CPU path and float64 gradient tests always use torch)."""
+    if os.environ.get("GSQ_FUSED", "1") == "0":
+        return False
+    if not tensor.is_cuda or tensor.dtype not in _FUSED_DTYPES:
+        return False
+    return triton_available()
+
+
+def categorical_sample(logits, scale, values, valid, kappa, tau, noise_seed, group_size,
+                       scale_dtype, out_dtype, accumulate_grad: bool = False) -> Tensor:
+    """`CategoricalSample.apply(...)`, fused on CUDA (see `use_fused`). `accumulate_grad` (fused
+    path only): add ∂ℓ straight into `logits.grad` (see `sampler_triton` module doc)."""
+    if use_fused(logits):
+        from gsq.kernels.sampler_triton import FusedCategoricalSample
+
+        return FusedCategoricalSample.apply(logits, scale, values, valid, kappa, tau, noise_seed,
+                                            group_size, scale_dtype, out_dtype, accumulate_grad)
+    return CategoricalSample.apply(logits, scale, values, valid, kappa, tau, noise_seed,
+                                   group_size, scale_dtype, out_dtype)
+
+
+def ternary_sample(logits, scale, kappa, tau, noise_seed, group_size, scale_dtype, out_dtype,
+                   accumulate_grad: bool = False) -> Tensor:
+    """`TernarySample.apply(...)`, fused on CUDA (see `use_fused` and `categorical_sample`)."""
+    if use_fused(logits):
+        from gsq.kernels.sampler_triton import FusedTernarySample
+
+        return FusedTernarySample.apply(logits, scale, kappa, tau, noise_seed, group_size,
+                                        scale_dtype, out_dtype, accumulate_grad)
+    return TernarySample.apply(logits, scale, kappa, tau, noise_seed, group_size, scale_dtype,
+                               out_dtype)
+
+
+def lion_uses_triton(params) -> bool:
+    """Whether to build `lion_pytorch.Lion(..., use_triton=True)`: every parameter on CUDA and the
+    fused path enabled (lion_pytorch's Triton update asserts CUDA tensors)."""
+    params = list(params)
+    return bool(params) and all(use_fused(p) for p in params)
+
+
+__all__ = ["categorical_sample", "lion_uses_triton", "ternary_sample", "triton_available",
+           "use_fused"]

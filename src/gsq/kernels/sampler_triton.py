@@ -1,0 +1,506 @@
+"""Fused Triton kernels for the Gumbel-Softmax samplers (method §4, §4.1, §18.1 option B).
+
+Same call signature and maths as `gsq.quant.sampler.CategoricalSample` / `TernarySample`, which
+stay the reference and the CPU path. One forward kernel reads the logits once, draws the noise
+in-kernel and writes the soft weight in the model dtype; one backward kernel regenerates the same
+noise and writes the logit gradient and the per-group scale gradient in the same pass. Nothing of
+size `(K, out, in)` is kept between forward and backward.
+
+Noise (counter-based, §18.1 option B). Philox-4x32-10 (`tl.rand4x`) keyed by the 63-bit
+`noise_seed` (the full 64-bit Philox key: low and high words) with counter `j · N + r · in + c`
+for weight `(r, c)`, `N = out · in`, and block `j = k // 4`; output `k % 4` of that call is the
+uniform of candidate `k`. So one Philox call serves 4 candidates (2-bit grid: 1 call per weight,
+3/4-bit shift: 2, ternary: 1). Uniforms are clamped to [1e-7, 1 - 1e-7] like `noise.py`. The
+stream differs from the torch path's `torch.Generator` stream; runs reproduce per path.
+`triton_uniform` materialises exactly these uniforms, so the torch reference can be fed the same
+noise in tests.
+
+Tiling. A program owns `BLOCK_R` rows of one scale group and walks the group in chunks of
+`BLOCK_C` columns; the scale gradient of its groups is summed in registers in a fixed order
+(deterministic, no atomics). Indices are int32 unless `ceil(K/4) · N` needs int64.
+
+Optional fused gradient accumulation (`accumulate_grad=True`): the backward adds the logit
+gradient straight into `logits.grad` (allocating it when None) and returns None for the logits,
+which saves the separate read-add-write of autograd's accumulation (2 × K × 4 bytes per weight
+and micro-batch with fp32 logits). Only for a leaf `logits` used once per graph, with
+`loss.backward()` (not `torch.autograd.grad`); falls back to the plain return otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+UNIFORM_EPS = 1e-7  # same clamp as gsq.quant.noise.UNIFORM_EPS
+MAX_SEED = 1 << 63
+MAX_CANDIDATES = 5
+# Elements per program tile and warps per program; overridable for tuning on the device.
+TILE_ELEMS = int(os.environ.get("GSQ_FUSED_TILE", "2048"))
+NUM_WARPS = int(os.environ.get("GSQ_FUSED_WARPS", "4"))
+MAX_BLOCK_C = 128
+
+
+# --------------------------------------------------------------------------------------------
+# Triton device functions
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _uniform4(seed, counter):
+    """Four clamped fp32 uniforms per counter from one Philox-4x32-10 call."""
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    lo = 1e-7
+    hi = 1.0 - 1e-7
+    u0 = tl.minimum(tl.maximum(u0, lo), hi)
+    u1 = tl.minimum(tl.maximum(u1, lo), hi)
+    u2 = tl.minimum(tl.maximum(u2, lo), hi)
+    u3 = tl.minimum(tl.maximum(u3, lo), hi)
+    return u0, u1, u2, u3
+
+
+@triton.jit
+def _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """Flat weight index `r · in + c` `(BLOCK_R, BLOCK_C)` of one chunk, and its mask."""
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cin = c0 + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cin < group_size)[None, :]
+    cols = gid * group_size + cin
+    if WIDE:
+        idx = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
+    else:
+        idx = rows[:, None] * n_cols + cols[None, :]
+    return idx, mask
+
+
+@triton.jit
+def _candidate(logits_ptr, values_ptr, valid_ptr, k, n_w, idx, mask, u, kappa, tau,
+               HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr):
+    """z_k = (κ·ℓ_k + g_k) / τ (−inf where masked) and the candidate value v_k, both fp32.
+
+    v_k is a scalar for shared values `(K,)` and a tile for per-weight values `(K, out, in)`."""
+    off = k * n_w + idx
+    z = tl.load(logits_ptr + off, mask=mask, other=0.0).to(tl.float32) * kappa
+    if HAS_NOISE:
+        z = z + (-tl.log(-tl.log(u)))
+    z = z / tau
+    if HAS_VALID:
+        ok = tl.load(valid_ptr + off, mask=mask, other=1)
+        z = tl.where(ok != 0, z, float("-inf"))
+    if PER_WEIGHT:
+        v = tl.load(values_ptr + off, mask=mask, other=0).to(tl.float32)
+    else:
+        v = tl.load(values_ptr + k).to(tl.float32)
+    return z, v
+
+
+@triton.jit
+def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, tau,
+                      K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr,
+                      PER_WEIGHT: tl.constexpr):
+    """Probabilities p_0..p_4 (0 for k >= K), values v_0..v_4 and the soft code Σ p_k v_k."""
+    u0 = tl.full(idx.shape, 0.5, tl.float32)
+    u1 = u0
+    u2 = u0
+    u3 = u0
+    u4 = u0
+    if HAS_NOISE:
+        u0, u1, u2, u3 = _uniform4(seed, idx)
+        if K > 4:
+            u4, _, _, _ = _uniform4(seed, idx + n_w)
+    z0, v0 = _candidate(logits_ptr, values_ptr, valid_ptr, 0, n_w, idx, mask, u0, kappa, tau,
+                        HAS_NOISE, HAS_VALID, PER_WEIGHT)
+    z1, v1 = _candidate(logits_ptr, values_ptr, valid_ptr, 1, n_w, idx, mask, u1, kappa, tau,
+                        HAS_NOISE, HAS_VALID, PER_WEIGHT)
+    neg = tl.full(idx.shape, float("-inf"), tl.float32)
+    zero = tl.zeros(idx.shape, tl.float32)
+    z2 = neg
+    z3 = neg
+    z4 = neg
+    v2 = zero
+    v3 = zero
+    v4 = zero
+    if K > 2:
+        z2, v2 = _candidate(logits_ptr, values_ptr, valid_ptr, 2, n_w, idx, mask, u2, kappa, tau,
+                            HAS_NOISE, HAS_VALID, PER_WEIGHT)
+    if K > 3:
+        z3, v3 = _candidate(logits_ptr, values_ptr, valid_ptr, 3, n_w, idx, mask, u3, kappa, tau,
+                            HAS_NOISE, HAS_VALID, PER_WEIGHT)
+    if K > 4:
+        z4, v4 = _candidate(logits_ptr, values_ptr, valid_ptr, 4, n_w, idx, mask, u4, kappa, tau,
+                            HAS_NOISE, HAS_VALID, PER_WEIGHT)
+    zmax = tl.maximum(tl.maximum(tl.maximum(z0, z1), tl.maximum(z2, z3)), z4)
+    e0 = tl.exp(z0 - zmax)
+    e1 = tl.exp(z1 - zmax)
+    e2 = tl.exp(z2 - zmax)
+    e3 = tl.exp(z3 - zmax)
+    e4 = tl.exp(z4 - zmax)
+    inv = 1.0 / (e0 + e1 + e2 + e3 + e4)
+    p0 = e0 * inv
+    p1 = e1 * inv
+    p2 = e2 * inv
+    p3 = e3 * inv
+    p4 = e4 * inv
+    code = p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3 + p4 * v4
+    return p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code
+
+
+@triton.jit
+def _store_grad(grad_ptr, k, n_w, idx, mask, g, ACCUM: tl.constexpr):
+    """Write (or add into, when ACCUM) the logit gradient of candidate k."""
+    ptr = grad_ptr + k * n_w + idx
+    if ACCUM:
+        g = g + tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, tau, HAS_NOISE: tl.constexpr):
+    """Mask m = σ((2κℓ_m + n_m)/τ) and sign b = 2σ((2κℓ_b + n_b)/τ) − 1, logistic noise."""
+    zm = tl.load(logits_ptr + idx, mask=mask, other=0.0).to(tl.float32) * (2.0 * kappa)
+    zb = tl.load(logits_ptr + n_w + idx, mask=mask, other=0.0).to(tl.float32) * (2.0 * kappa)
+    if HAS_NOISE:
+        u0, u1, _, _ = _uniform4(seed, idx)
+        zm = zm + (tl.log(u0) - tl.log(1.0 - u0))
+        zb = zb + (tl.log(u1) - tl.log(1.0 - u1))
+    m = 1.0 / (1.0 + tl.exp(-(zm / tau)))
+    b = 2.0 / (1.0 + tl.exp(-(zb / tau))) - 1.0
+    return m, b
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _uniform_kernel(out_ptr, seed, n_w, K: tl.constexpr, BLOCK: tl.constexpr,
+                    WIDE: tl.constexpr):
+    """u[k, i] for i < N: exactly the uniforms the sampler kernels draw (see module doc)."""
+    pid = tl.program_id(0)
+    if WIDE:
+        n_w = n_w.to(tl.int64)
+        idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_w
+    for j in tl.static_range((K + 3) // 4):
+        u0, u1, u2, u3 = _uniform4(seed, idx + j * n_w)
+        tl.store(out_ptr + (4 * j) * n_w + idx, u0, mask=mask)
+        if 4 * j + 1 < K:
+            tl.store(out_ptr + (4 * j + 1) * n_w + idx, u1, mask=mask)
+        if 4 * j + 2 < K:
+            tl.store(out_ptr + (4 * j + 2) * n_w + idx, u2, mask=mask)
+        if 4 * j + 3 < K:
+            tl.store(out_ptr + (4 * j + 3) * n_w + idx, u3, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _categorical_fwd_kernel(
+    logits_ptr, scale_ptr, values_ptr, valid_ptr, out_ptr,
+    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, tau,
+    K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):
+    """W[r, c] = s[r, c // g] · Σ_k p_k v_k for BLOCK_R rows of scale group `program_id(1)`."""
+    pid_r = tl.program_id(0)
+    gid = tl.program_id(1)
+    if WIDE:
+        n_w = n_w.to(tl.int64)
+    rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rows1 < n_rows, other=0.0)
+    for c0 in range(0, group_size, BLOCK_C):
+        idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
+                                WIDE)
+        p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
+            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, tau,
+            K, HAS_NOISE, HAS_VALID, PER_WEIGHT)
+        w = s[:, None] * code
+        tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _categorical_bwd_kernel(
+    logits_ptr, scale_ptr, values_ptr, valid_ptr, gw_ptr, gl_ptr, gs_ptr,
+    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, tau, k_over_t,
+    K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
+    ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):
+    """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise)."""
+    pid_r = tl.program_id(0)
+    gid = tl.program_id(1)
+    if WIDE:
+        n_w = n_w.to(tl.int64)
+    rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows1 < n_rows
+    s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rmask, other=0.0)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for c0 in range(0, group_size, BLOCK_C):
+        idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
+                                WIDE)
+        p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
+            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, tau,
+            K, HAS_NOISE, HAS_VALID, PER_WEIGHT)
+        g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(mask, g * code, 0.0)
+        hk = g * s[:, None] * k_over_t
+        _store_grad(gl_ptr, 0, n_w, idx, mask, hk * p0 * (v0 - code), ACCUM)
+        _store_grad(gl_ptr, 1, n_w, idx, mask, hk * p1 * (v1 - code), ACCUM)
+        if K > 2:
+            _store_grad(gl_ptr, 2, n_w, idx, mask, hk * p2 * (v2 - code), ACCUM)
+        if K > 3:
+            _store_grad(gl_ptr, 3, n_w, idx, mask, hk * p3 * (v3 - code), ACCUM)
+        if K > 4:
+            _store_grad(gl_ptr, 4, n_w, idx, mask, hk * p4 * (v4 - code), ACCUM)
+    tl.store(gs_ptr + rows1 * n_groups + gid, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _ternary_fwd_kernel(
+    logits_ptr, scale_ptr, out_ptr, seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, tau,
+    HAS_NOISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):
+    """W = s · m · b for BLOCK_R rows of scale group `program_id(1)`."""
+    pid_r = tl.program_id(0)
+    gid = tl.program_id(1)
+    if WIDE:
+        n_w = n_w.to(tl.int64)
+    rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rows1 < n_rows, other=0.0)
+    for c0 in range(0, group_size, BLOCK_C):
+        idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
+                                WIDE)
+        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, tau, HAS_NOISE)
+        w = s[:, None] * m * b
+        tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _ternary_bwd_kernel(
+    logits_ptr, scale_ptr, gw_ptr, gl_ptr, gs_ptr, seed, n_rows, n_cols, n_w, group_size,
+    n_groups, kappa, tau, k_over_t,
+    HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):
+    """∂ℓ_m = h·b·m(1−m)·2κ/τ, ∂ℓ_b = h·m·(1+b)(1−b)·κ/τ, ∂s = Σ_group G·m·b; h = G·s."""
+    pid_r = tl.program_id(0)
+    gid = tl.program_id(1)
+    if WIDE:
+        n_w = n_w.to(tl.int64)
+    rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows1 < n_rows
+    s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rmask, other=0.0)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for c0 in range(0, group_size, BLOCK_C):
+        idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
+                                WIDE)
+        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, tau, HAS_NOISE)
+        g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(mask, g * m * b, 0.0)
+        hk = g * s[:, None] * k_over_t
+        _store_grad(gl_ptr, 0, n_w, idx, mask, hk * b * m * (1.0 - m) * 2.0, ACCUM)
+        _store_grad(gl_ptr, 1, n_w, idx, mask, hk * m * (1.0 + b) * (1.0 - b), ACCUM)
+    tl.store(gs_ptr + rows1 * n_groups + gid, tl.sum(acc, axis=1), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def _check_seed(noise_seed: int | None) -> int:
+    """The seed as the kernels' Philox key: any int in [0, 2^63) (64-bit key, high bit 0)."""
+    if noise_seed is None:
+        return 0
+    seed = int(noise_seed)
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"noise_seed must be in [0, 2^63); got {noise_seed}")
+    return seed
+
+
+def _wide(k: int, n_w: int) -> bool:
+    """int64 indices when the largest counter or logit offset does not fit int32."""
+    return max(k, 4 * ((k + 3) // 4)) * n_w >= 2**31
+
+
+def _blocks(group_size: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): chunks of up to 128 group columns, ~TILE_ELEMS elements a tile."""
+    block_c = min(triton.next_power_of_2(group_size), MAX_BLOCK_C)
+    block_r = max(1, min(64, TILE_ELEMS // block_c))
+    return block_r, block_c
+
+
+def _geometry(logits: Tensor, scale: Tensor, group_size: int):
+    """(K, out, in, n_groups) after checking shapes (logits `(K, out, in)`, scale `(out, in/g)`)."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (K, out, in); got {tuple(logits.shape)}")
+    k, rows, cols = logits.shape
+    if cols % group_size != 0 or tuple(scale.shape) != (rows, cols // group_size):
+        raise ValueError(f"scale {tuple(scale.shape)} does not match logits {tuple(logits.shape)}"
+                         f" with group size {group_size}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"fused sampler supports fp32/bf16/fp16 logits; got {logits.dtype}")
+    return k, rows, cols, cols // group_size
+
+
+def _effective_scale(scale: Tensor, scale_dtype: torch.dtype | None) -> Tensor:
+    """The forward's scale: cast to its storage dtype, then fp32 `(out, n_groups)` (tiny)."""
+    s = scale.detach()
+    if scale_dtype is not None:
+        s = s.to(scale_dtype)
+    return s.to(torch.float32).contiguous()
+
+
+def _grid(rows: int, n_groups: int, block_r: int) -> tuple[int, int]:
+    return (triton.cdiv(rows, block_r), n_groups)
+
+
+def _values_arg(values: Tensor, k: int, rows: int, cols: int) -> tuple[Tensor, bool]:
+    """(values, per-weight?): shared `(K,)` when every weight has the same K values (2-bit grid
+    `(K, 1, 1)`), else contiguous `(K, out, in)` (3/4-bit shift codes, int8, no copy)."""
+    values = values.detach()
+    if values.numel() == k:
+        return values.reshape(k).contiguous(), False
+    return values.expand(k, rows, cols).contiguous(), True
+
+
+def triton_uniform(shape: tuple[int, ...], seed: int, device: torch.device | str) -> Tensor:
+    """fp32 `shape = (K, ...)` uniforms in [1e-7, 1 - 1e-7]: the sampler kernels' noise for
+    logits of this shape and `seed` (u[k] is the uniform of candidate k)."""
+    shape = tuple(int(d) for d in shape)
+    k = shape[0]
+    n_w = 1
+    for d in shape[1:]:
+        n_w *= d
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out
+    block = 1024
+    _uniform_kernel[(triton.cdiv(n_w, block),)](out, _check_seed(seed), n_w, K=k, BLOCK=block,
+                                                 WIDE=_wide(k, n_w))
+    return out
+
+
+def _prepare_grad_target(logits: Tensor, accumulate: bool) -> tuple[Tensor, bool, bool]:
+    """(buffer for ∂ℓ, add into it?, written into logits.grad?) for the backward kernels."""
+    if accumulate and logits.is_leaf and logits.requires_grad:
+        g = logits.grad
+        if g is None:
+            g = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            logits.grad = g
+            return g, False, True
+        if g.is_contiguous() and g.dtype == logits.dtype and not g.requires_grad:
+            return g, True, True
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), False, False
+
+
+class FusedCategoricalSample(torch.autograd.Function):
+    """Fused W_soft = s · Σ_k p_k v_k; logits `(K, out, in)` with K in 2..5, scale `(out, in/g)`,
+    values `(K, out|1, in|1)` (any dtype), valid `(K, out, in)` bool or None."""
+
+    @staticmethod
+    def forward(ctx, logits, scale, values, valid, kappa, tau, noise_seed, group_size, scale_dtype,
+                out_dtype, accumulate_grad=False):  # noqa: D102
+        k, rows, cols, n_groups = _geometry(logits, scale, group_size)
+        if not 2 <= k <= MAX_CANDIDATES:
+            raise ValueError(f"fused categorical sampler supports 2..5 candidates; got {k}")
+        logits_c = logits.detach().contiguous()
+        values_a, per_weight = _values_arg(values, k, rows, cols)
+        valid_u8 = None if valid is None else valid.detach().contiguous().view(torch.uint8)
+        s_eff = _effective_scale(scale, scale_dtype)
+        out = torch.empty((rows, cols), dtype=out_dtype, device=logits.device)
+        ctx.cfg = (kappa, tau, noise_seed, group_size, scale.dtype, per_weight)
+        _launch_categorical(ctx.cfg, logits_c, s_eff, values_a, valid_u8, out=out)
+        ctx.save_for_backward(logits_c, s_eff, values_a, valid_u8)
+        ctx.logits_ref = logits if accumulate_grad else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_w):  # noqa: D102
+        logits, s_eff, values_a, valid_u8 = ctx.saved_tensors
+        target = ctx.logits_ref if ctx.logits_ref is not None else logits
+        grad_l, accum, in_place = _prepare_grad_target(target, ctx.logits_ref is not None)
+        grad_s = _launch_categorical(ctx.cfg, logits, s_eff, values_a, valid_u8,
+                                     grad=(grad_w.contiguous(), grad_l, accum))
+        return (None if in_place else grad_l, grad_s.to(ctx.cfg[4]),
+                None, None, None, None, None, None, None, None, None)
+
+
+def _launch_categorical(cfg, logits: Tensor, s_eff: Tensor, values: Tensor,
+                        valid_u8: Tensor | None, out: Tensor | None = None,
+                        grad: tuple[Tensor, Tensor, bool] | None = None) -> Tensor | None:
+    """Run the forward kernel (into `out`) or, with `grad = (G, ∂ℓ buffer, accumulate?)`, the
+    backward kernel; returns the fp32 scale gradient `(out, n_groups)` for the backward."""
+    kappa, tau, noise_seed, group_size, _, per_weight = cfg
+    k, rows, cols = logits.shape
+    n_groups = cols // group_size
+    block_r, block_c = _blocks(group_size)
+    common = dict(K=k, HAS_NOISE=noise_seed is not None, HAS_VALID=valid_u8 is not None,
+                  PER_WEIGHT=per_weight, BLOCK_R=block_r, BLOCK_C=block_c,
+                  WIDE=_wide(k, rows * cols), num_warps=NUM_WARPS)
+    valid_arg = valid_u8 if valid_u8 is not None else logits  # never read without HAS_VALID
+    shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
+             float(kappa), float(tau))
+    grid = _grid(rows, n_groups, block_r)
+    if grad is None:
+        _categorical_fwd_kernel[grid](logits, s_eff, values, valid_arg, out, *shape, **common)
+        return None
+    grad_w, grad_l, accum = grad
+    grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=logits.device)
+    _categorical_bwd_kernel[grid](logits, s_eff, values, valid_arg, grad_w, grad_l, grad_s,
+                                  *shape, float(kappa) / float(tau), ACCUM=accum, **common)
+    return grad_s
+
+
+class FusedTernarySample(torch.autograd.Function):
+    """Fused W_soft = s · m · b with mask and sign logits `(2, out, in)`."""
+
+    @staticmethod
+    def forward(ctx, logits, scale, kappa, tau, noise_seed, group_size, scale_dtype, out_dtype,
+                accumulate_grad=False):  # noqa: D102
+        k, rows, cols, n_groups = _geometry(logits, scale, group_size)
+        if k != 2:
+            raise ValueError(f"ternary logits must be (2, out, in); got {tuple(logits.shape)}")
+        logits_c = logits.detach().contiguous()
+        s_eff = _effective_scale(scale, scale_dtype)
+        out = torch.empty((rows, cols), dtype=out_dtype, device=logits.device)
+        ctx.cfg = (kappa, tau, noise_seed, group_size, scale.dtype)
+        _launch_ternary(ctx.cfg, logits_c, s_eff, out=out)
+        ctx.save_for_backward(logits_c, s_eff)
+        ctx.logits_ref = logits if accumulate_grad else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_w):  # noqa: D102
+        logits, s_eff = ctx.saved_tensors
+        target = ctx.logits_ref if ctx.logits_ref is not None else logits
+        grad_l, accum, in_place = _prepare_grad_target(target, ctx.logits_ref is not None)
+        grad_s = _launch_ternary(ctx.cfg, logits, s_eff, grad=(grad_w.contiguous(), grad_l, accum))
+        return (None if in_place else grad_l, grad_s.to(ctx.cfg[4]),
+                None, None, None, None, None, None, None)
+
+
+def _launch_ternary(cfg, logits: Tensor, s_eff: Tensor, out: Tensor | None = None,
+                    grad: tuple[Tensor, Tensor, bool] | None = None) -> Tensor | None:
+    """Ternary counterpart of `_launch_categorical`."""
+    kappa, tau, noise_seed, group_size, _ = cfg
+    _, rows, cols = logits.shape
+    n_groups = cols // group_size
+    block_r, block_c = _blocks(group_size)
+    common = dict(HAS_NOISE=noise_seed is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                  WIDE=_wide(2, rows * cols), num_warps=NUM_WARPS)
+    shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
+             float(kappa), float(tau))
+    grid = _grid(rows, n_groups, block_r)
+    if grad is None:
+        _ternary_fwd_kernel[grid](logits, s_eff, out, *shape, **common)
+        return None
+    grad_w, grad_l, accum = grad
+    grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=logits.device)
+    _ternary_bwd_kernel[grid](logits, s_eff, grad_w, grad_l, grad_s, *shape,
+                              float(kappa) / float(tau), ACCUM=accum, **common)
+    return grad_s
