@@ -324,10 +324,11 @@ def test_all_zero_mlp_weight_is_quantized(tiny_llama, windows):
     assert torch.isfinite(qw.scale).all() and (qw.scale != 0).all()
 
 
-def test_stage_hessians_see_earlier_stages_hard_and_own_weights_fp(tiny_llama, windows,
+def test_gptq_hessians_see_earlier_linears_hard_and_own_weights_fp(tiny_llama, windows,
                                                                    gptq_hessians):
-    """Method §3.1: a stage's GPTQ Hessians are collected with the block's earlier stages already
-    quantized and the stage's own linears still in full precision."""
+    """Method §3.1 plus true-sequential GPTQ: a linear's GPTQ Hessian is collected with the block's
+    earlier stages and the earlier GPTQ groups of its own stage quantized (o after v, down after
+    gate/up), and its own weights still in full precision."""
     seen = gptq_hessians
     model = tiny_llama(0)
     records, _ = run_quantization(model, adapter_for("llama"), windows, _cfg("gptq", max_blocks=1),
@@ -344,12 +345,15 @@ def test_stage_hessians_see_earlier_stages_hard_and_own_weights_fp(tiny_llama, w
             m(input_ids=windows["gptq"], use_cache=False)
         return accs[name].H
 
-    q, k, v, o = LINEARS[:4]
-    torch.testing.assert_close(H_o, hessian((q, k), o), rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(H_o, hessian((q, k, v), o), rtol=1e-3, atol=1e-5)  # v still FP
+    q, k, v, o, gate, up, _ = LINEARS
+    torch.testing.assert_close(H_o, hessian((q, k, v), o), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(H_o, hessian((q, k), o), rtol=1e-3, atol=1e-5)  # v already hard
     assert not torch.allclose(H_o, hessian((), o), rtol=1e-3, atol=1e-5)  # q/k already hard
-    torch.testing.assert_close(H_gate, hessian((q, k, v, o), "mlp.gate_proj"), rtol=1e-4,
-                               atol=1e-6)
-    # down_proj's inputs depend on gate/up, which are still FP while the MLP stage collects
-    torch.testing.assert_close(H_down, hessian((q, k, v, o), "mlp.down_proj"), rtol=1e-4,
-                               atol=1e-6)
+    torch.testing.assert_close(H_gate, hessian((q, k, v, o), gate), rtol=1e-4, atol=1e-6)
+    # down_proj is fitted after gate/up are quantized: its inputs come through the hard gate/up
+    torch.testing.assert_close(H_down, hessian((q, k, v, o, gate, up), "mlp.down_proj"),
+                               rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(H_down, hessian((q, k, v, o), "mlp.down_proj"), rtol=1e-3,
+                              atol=1e-5)
+
+

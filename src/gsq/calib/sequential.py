@@ -103,13 +103,22 @@ def _set_weights(block: nn.Module, results: dict[str, QuantizedWeight]) -> None:
         weight.data.copy_(qw.dequantize(weight.dtype).to(weight.device))
 
 
-def _initial_assignment(bc, adapter, cfg, specs, bufs, micro) -> tuple[dict, dict]:
-    """GPTQ (or RTN) codes of each linear, and the GPTQ Hessians (empty for RTN)."""
+def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro) -> tuple[dict, dict]:
+    """GPTQ (or RTN) codes of each linear, and the GPTQ Hessians (empty for RTN).
+
+    GPTQ runs group by group in the stage's `gptq_order`, each group written into the block
+    before the next group's Hessians are collected, so e.g. down_proj is fitted to the outputs of
+    the quantized gate/up projections (the usual "true sequential" GPTQ).
+    """
     if cfg.method == "rtn" or (cfg.method == "gsq" and cfg.init == "rtn"):
         return {n: rtn_quantize(bc.W_f[n], s) for n, s in specs.items()}, {}
-    H = _hessians(bc, adapter, list(specs), bufs.gptq, micro)
-    init = {n: gptq_quantize(bc.W_f[n], H[n], s, cfg.percdamp, cfg.gptq_block_size,
-                             cfg.static_groups) for n, s in specs.items()}
+    init, H = {}, {}
+    for group in stage.gptq_groups(list(specs)):
+        H.update(_hessians(bc, adapter, group, bufs.gptq, micro))
+        done = {n: gptq_quantize(bc.W_f[n], H[n], specs[n], cfg.percdamp, cfg.gptq_block_size,
+                                 cfg.static_groups) for n in group}
+        _set_weights(bc.block, done)
+        init.update(done)
     return init, H
 
 
@@ -191,7 +200,7 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
     if not specs:
         return {}, {"stage": stage.name, "linears": [], "skipped": True}
     micro = cfg.train.micro_batch_size
-    init, H = _initial_assignment(bc, adapter, cfg, specs, bufs, micro)
+    init, H = _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro)
     results, runs = init, []
     if cfg.method == "gsq" and stage.name in cfg.gsq_stages:
         seed = derive_seed(cfg.seed, bc.index, _STAGE_IDS.get(stage.name, 0))

@@ -20,6 +20,15 @@ class StageSpec:
     name: str  # "qk", "vo", "mlp"
     linears: tuple[str, ...]  # names relative to the block, e.g. "self_attn.q_proj"
     objective: str  # "quadratic" (each linear alone), "attention" (attn sub-block), "block"
+    # GPTQ order inside the stage: linears of a later group see the earlier groups' quantized
+    # outputs in their Hessians ("true sequential"); empty = one group
+    gptq_order: tuple[tuple[str, ...], ...] = ()
+
+    def gptq_groups(self, names: list[str]) -> list[list[str]]:
+        """`names` (the stage's linears left after skips) split into GPTQ groups, in order."""
+        order = self.gptq_order or (self.linears,)
+        groups = [[n for n in group if n in names] for group in order]
+        return [g for g in groups if g]
 
 
 class ModelAdapter:

@@ -19,8 +19,10 @@ class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     stages = (
         StageSpec("qk", ("self_attn.q_proj", "self_attn.k_proj"), "quadratic"),
-        StageSpec("vo", ("self_attn.v_proj", "self_attn.o_proj"), "attention"),
-        StageSpec("mlp", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "block"),
+        StageSpec("vo", ("self_attn.v_proj", "self_attn.o_proj"), "attention",
+                  gptq_order=(("self_attn.v_proj",), ("self_attn.o_proj",))),
+        StageSpec("mlp", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "block",
+                  gptq_order=(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))),
     )
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
