@@ -15,6 +15,13 @@ stream differs from the torch path's `torch.Generator` stream; runs reproduce pe
 `triton_uniform` materialises exactly these uniforms, so the torch reference can be fed the same
 noise in tests.
 
+Arithmetic. Compiled for CUDA, the kernels are compute-bound on Philox and logs rather than on
+memory, so: the Gumbel's outer log and the ternary's logistic logs use one MUFU `lg2.approx`
+(absolute error ~1e-7, where only absolute accuracy matters; `GSQ_FUSED_FAST_LOG=0` turns it
+off); the inner log of g = -ln(-ln u) stays `tl.log` (relative accuracy for u near 1); exp is
+triton's `ex2.approx`; 1/τ is multiplied; normalisers use `tl.fdiv(ieee_rounding=False)`. The
+interpreter runs plain `tl.log`. Differences to the torch path stay at fp32 round-off.
+
 Tiling. A program owns `BLOCK_R` rows of one scale group and walks the group in chunks of
 `BLOCK_C` columns; the scale gradient of its groups is summed in registers in a fixed order
 (deterministic, no atomics). Indices are int32 unless `ceil(K/4) · N` needs int64.
@@ -38,10 +45,14 @@ from torch import Tensor
 UNIFORM_EPS = 1e-7  # same clamp as gsq.quant.noise.UNIFORM_EPS
 MAX_SEED = 1 << 63
 MAX_CANDIDATES = 5
-# Elements per program tile and warps per program; overridable for tuning on the device.
-TILE_ELEMS = int(os.environ.get("GSQ_FUSED_TILE", "2048"))
+# Elements per program tile and warps per program (4 elements a thread keeps the backward near
+# 64 registers at K = 4, compiled for sm_90); overridable for tuning on the device.
+TILE_ELEMS = int(os.environ.get("GSQ_FUSED_TILE", "512"))
 NUM_WARPS = int(os.environ.get("GSQ_FUSED_WARPS", "4"))
 MAX_BLOCK_C = 128
+# The interpreter (TRITON_INTERPRET=1, read by triton when the kernels are decorated) runs no PTX.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+FAST_LOG_ENABLED = os.environ.get("GSQ_FUSED_FAST_LOG", "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,12 +74,30 @@ def _uniform4(seed, counter):
 
 
 @triton.jit
+def _log_abs(x, FAST_LOG: tl.constexpr):
+    """ln x to an *absolute* error of ~1e-7 (enough where the log is added, not where its
+    relative accuracy matters): one MUFU `lg2.approx` on CUDA, `tl.log` elsewhere."""
+    if FAST_LOG:
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1) * 0.6931471805599453
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
 def _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
-    """Flat weight index `r · in + c` `(BLOCK_R, BLOCK_C)` of one chunk, and its mask."""
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+                EVEN_C: tl.constexpr):
+    """Flat weight index `r · in + c` `(BLOCK_R, BLOCK_C)` of one chunk, and its mask.
+
+    EVEN_C (BLOCK_C divides the group): the mask is constant along a row, so loads vectorise."""
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cin = c0 + tl.arange(0, BLOCK_C)
-    mask = (rows < n_rows)[:, None] & (cin < group_size)[None, :]
+    if EVEN_C:
+        mask = (rows < n_rows)[:, None] & (cin < BLOCK_C)[None, :]
+    else:
+        mask = (rows < n_rows)[:, None] & (cin < group_size)[None, :]
     cols = gid * group_size + cin
     if WIDE:
         idx = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
@@ -78,16 +107,19 @@ def _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size,
 
 
 @triton.jit
-def _candidate(logits_ptr, values_ptr, valid_ptr, k, n_w, idx, mask, u, kappa, tau,
-               HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr):
+def _candidate(logits_ptr, values_ptr, valid_ptr, k, n_w, idx, mask, u, kappa, inv_tau,
+               HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
+               FAST_LOG: tl.constexpr):
     """z_k = (κ·ℓ_k + g_k) / τ (−inf where masked) and the candidate value v_k, both fp32.
 
     v_k is a scalar for shared values `(K,)` and a tile for per-weight values `(K, out, in)`."""
     off = k * n_w + idx
     z = tl.load(logits_ptr + off, mask=mask, other=0.0).to(tl.float32) * kappa
     if HAS_NOISE:
-        z = z + (-tl.log(-tl.log(u)))
-    z = z / tau
+        # g = -ln(L), L = -ln(u): L needs relative accuracy (u near 1), the outer log only
+        # absolute accuracy, so only the outer one may use the fast MUFU log.
+        z = z - _log_abs(-tl.log(u), FAST_LOG)
+    z = z * inv_tau
     if HAS_VALID:
         ok = tl.load(valid_ptr + off, mask=mask, other=1)
         z = tl.where(ok != 0, z, float("-inf"))
@@ -99,9 +131,9 @@ def _candidate(logits_ptr, values_ptr, valid_ptr, k, n_w, idx, mask, u, kappa, t
 
 
 @triton.jit
-def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, tau,
+def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
                       K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr,
-                      PER_WEIGHT: tl.constexpr):
+                      PER_WEIGHT: tl.constexpr, FAST_LOG: tl.constexpr):
     """Probabilities p_0..p_4 (0 for k >= K), values v_0..v_4 and the soft code Σ p_k v_k."""
     u0 = tl.full(idx.shape, 0.5, tl.float32)
     u1 = u0
@@ -112,10 +144,10 @@ def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, k
         u0, u1, u2, u3 = _uniform4(seed, idx)
         if K > 4:
             u4, _, _, _ = _uniform4(seed, idx + n_w)
-    z0, v0 = _candidate(logits_ptr, values_ptr, valid_ptr, 0, n_w, idx, mask, u0, kappa, tau,
-                        HAS_NOISE, HAS_VALID, PER_WEIGHT)
-    z1, v1 = _candidate(logits_ptr, values_ptr, valid_ptr, 1, n_w, idx, mask, u1, kappa, tau,
-                        HAS_NOISE, HAS_VALID, PER_WEIGHT)
+    z0, v0 = _candidate(logits_ptr, values_ptr, valid_ptr, 0, n_w, idx, mask, u0, kappa, inv_tau,
+                        HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
+    z1, v1 = _candidate(logits_ptr, values_ptr, valid_ptr, 1, n_w, idx, mask, u1, kappa, inv_tau,
+                        HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
     neg = tl.full(idx.shape, float("-inf"), tl.float32)
     zero = tl.zeros(idx.shape, tl.float32)
     z2 = neg
@@ -125,21 +157,27 @@ def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, k
     v3 = zero
     v4 = zero
     if K > 2:
-        z2, v2 = _candidate(logits_ptr, values_ptr, valid_ptr, 2, n_w, idx, mask, u2, kappa, tau,
-                            HAS_NOISE, HAS_VALID, PER_WEIGHT)
+        z2, v2 = _candidate(logits_ptr, values_ptr, valid_ptr, 2, n_w, idx, mask, u2, kappa,
+                            inv_tau, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
     if K > 3:
-        z3, v3 = _candidate(logits_ptr, values_ptr, valid_ptr, 3, n_w, idx, mask, u3, kappa, tau,
-                            HAS_NOISE, HAS_VALID, PER_WEIGHT)
+        z3, v3 = _candidate(logits_ptr, values_ptr, valid_ptr, 3, n_w, idx, mask, u3, kappa,
+                            inv_tau, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
     if K > 4:
-        z4, v4 = _candidate(logits_ptr, values_ptr, valid_ptr, 4, n_w, idx, mask, u4, kappa, tau,
-                            HAS_NOISE, HAS_VALID, PER_WEIGHT)
+        z4, v4 = _candidate(logits_ptr, values_ptr, valid_ptr, 4, n_w, idx, mask, u4, kappa,
+                            inv_tau, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
     zmax = tl.maximum(tl.maximum(tl.maximum(z0, z1), tl.maximum(z2, z3)), z4)
     e0 = tl.exp(z0 - zmax)
     e1 = tl.exp(z1 - zmax)
-    e2 = tl.exp(z2 - zmax)
-    e3 = tl.exp(z3 - zmax)
-    e4 = tl.exp(z4 - zmax)
-    inv = 1.0 / (e0 + e1 + e2 + e3 + e4)
+    e2 = zero  # unused slots cost no exp
+    e3 = zero
+    e4 = zero
+    if K > 2:
+        e2 = tl.exp(z2 - zmax)
+    if K > 3:
+        e3 = tl.exp(z3 - zmax)
+    if K > 4:
+        e4 = tl.exp(z4 - zmax)
+    inv = tl.fdiv(1.0, e0 + e1 + e2 + e3 + e4, ieee_rounding=False)
     p0 = e0 * inv
     p1 = e1 * inv
     p2 = e2 * inv
@@ -159,16 +197,17 @@ def _store_grad(grad_ptr, k, n_w, idx, mask, g, ACCUM: tl.constexpr):
 
 
 @triton.jit
-def _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, tau, HAS_NOISE: tl.constexpr):
+def _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE: tl.constexpr,
+                  FAST_LOG: tl.constexpr):
     """Mask m = σ((2κℓ_m + n_m)/τ) and sign b = 2σ((2κℓ_b + n_b)/τ) − 1, logistic noise."""
     zm = tl.load(logits_ptr + idx, mask=mask, other=0.0).to(tl.float32) * (2.0 * kappa)
     zb = tl.load(logits_ptr + n_w + idx, mask=mask, other=0.0).to(tl.float32) * (2.0 * kappa)
     if HAS_NOISE:
         u0, u1, _, _ = _uniform4(seed, idx)
-        zm = zm + (tl.log(u0) - tl.log(1.0 - u0))
-        zb = zb + (tl.log(u1) - tl.log(1.0 - u1))
-    m = 1.0 / (1.0 + tl.exp(-(zm / tau)))
-    b = 2.0 / (1.0 + tl.exp(-(zb / tau))) - 1.0
+        zm = zm + (_log_abs(u0, FAST_LOG) - _log_abs(1.0 - u0, FAST_LOG))
+        zb = zb + (_log_abs(u1, FAST_LOG) - _log_abs(1.0 - u1, FAST_LOG))
+    m = tl.fdiv(1.0, 1.0 + tl.exp(-(zm * inv_tau)), ieee_rounding=False)
+    b = tl.fdiv(2.0, 1.0 + tl.exp(-(zb * inv_tau)), ieee_rounding=False) - 1.0
     return m, b
 
 
@@ -202,9 +241,10 @@ def _uniform_kernel(out_ptr, seed, n_w, K: tl.constexpr, BLOCK: tl.constexpr,
 @triton.jit(do_not_specialize=["seed"])
 def _categorical_fwd_kernel(
     logits_ptr, scale_ptr, values_ptr, valid_ptr, out_ptr,
-    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, tau,
+    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    FAST_LOG: tl.constexpr,
 ):
     """W[r, c] = s[r, c // g] · Σ_k p_k v_k for BLOCK_R rows of scale group `program_id(1)`."""
     pid_r = tl.program_id(0)
@@ -215,10 +255,10 @@ def _categorical_fwd_kernel(
     s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rows1 < n_rows, other=0.0)
     for c0 in range(0, group_size, BLOCK_C):
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
-                                WIDE)
+                                WIDE, EVEN_C)
         p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
-            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, tau,
-            K, HAS_NOISE, HAS_VALID, PER_WEIGHT)
+            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
+            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
         w = s[:, None] * code
         tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -226,9 +266,10 @@ def _categorical_fwd_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _categorical_bwd_kernel(
     logits_ptr, scale_ptr, values_ptr, valid_ptr, gw_ptr, gl_ptr, gs_ptr,
-    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, tau, k_over_t,
+    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau, k_over_t,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
     ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    EVEN_C: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise)."""
     pid_r = tl.program_id(0)
@@ -241,10 +282,10 @@ def _categorical_bwd_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     for c0 in range(0, group_size, BLOCK_C):
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
-                                WIDE)
+                                WIDE, EVEN_C)
         p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
-            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, tau,
-            K, HAS_NOISE, HAS_VALID, PER_WEIGHT)
+            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
+            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
         g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         acc += tl.where(mask, g * code, 0.0)
         hk = g * s[:, None] * k_over_t
@@ -261,8 +302,10 @@ def _categorical_bwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _ternary_fwd_kernel(
-    logits_ptr, scale_ptr, out_ptr, seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, tau,
+    logits_ptr, scale_ptr, out_ptr, seed, n_rows, n_cols, n_w, group_size, n_groups, kappa,
+    inv_tau,
     HAS_NOISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    EVEN_C: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """W = s · m · b for BLOCK_R rows of scale group `program_id(1)`."""
     pid_r = tl.program_id(0)
@@ -273,8 +316,9 @@ def _ternary_fwd_kernel(
     s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rows1 < n_rows, other=0.0)
     for c0 in range(0, group_size, BLOCK_C):
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
-                                WIDE)
-        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, tau, HAS_NOISE)
+                                WIDE, EVEN_C)
+        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
+                             FAST_LOG)
         w = s[:, None] * m * b
         tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -282,9 +326,10 @@ def _ternary_fwd_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _ternary_bwd_kernel(
     logits_ptr, scale_ptr, gw_ptr, gl_ptr, gs_ptr, seed, n_rows, n_cols, n_w, group_size,
-    n_groups, kappa, tau, k_over_t,
+    n_groups, kappa, inv_tau, k_over_t,
     HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
+    FAST_LOG: tl.constexpr,
 ):
     """∂ℓ_m = h·b·m(1−m)·2κ/τ, ∂ℓ_b = h·m·(1+b)(1−b)·κ/τ, ∂s = Σ_group G·m·b; h = G·s."""
     pid_r = tl.program_id(0)
@@ -297,8 +342,9 @@ def _ternary_bwd_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     for c0 in range(0, group_size, BLOCK_C):
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
-                                WIDE)
-        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, tau, HAS_NOISE)
+                                WIDE, EVEN_C)
+        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
+                             FAST_LOG)
         g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         acc += tl.where(mask, g * m * b, 0.0)
         hk = g * s[:, None] * k_over_t
@@ -320,6 +366,11 @@ def _check_seed(noise_seed: int | None) -> int:
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"noise_seed must be in [0, 2^63); got {noise_seed}")
     return seed
+
+
+def _fast_log(t: Tensor) -> bool:
+    """MUFU logs (inline PTX) only when compiling for CUDA: not in the interpreter."""
+    return t.is_cuda and not INTERPRET and FAST_LOG_ENABLED
 
 
 def _wide(k: int, n_w: int) -> bool:
@@ -441,10 +492,11 @@ def _launch_categorical(cfg, logits: Tensor, s_eff: Tensor, values: Tensor,
     block_r, block_c = _blocks(group_size)
     common = dict(K=k, HAS_NOISE=noise_seed is not None, HAS_VALID=valid_u8 is not None,
                   PER_WEIGHT=per_weight, BLOCK_R=block_r, BLOCK_C=block_c,
-                  WIDE=_wide(k, rows * cols), num_warps=NUM_WARPS)
+                  WIDE=_wide(k, rows * cols), EVEN_C=group_size % block_c == 0,
+                  FAST_LOG=_fast_log(logits), num_warps=NUM_WARPS)
     valid_arg = valid_u8 if valid_u8 is not None else logits  # never read without HAS_VALID
     shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
-             float(kappa), float(tau))
+             float(kappa), 1.0 / float(tau))
     grid = _grid(rows, n_groups, block_r)
     if grad is None:
         _categorical_fwd_kernel[grid](logits, s_eff, values, valid_arg, out, *shape, **common)
@@ -492,9 +544,10 @@ def _launch_ternary(cfg, logits: Tensor, s_eff: Tensor, out: Tensor | None = Non
     n_groups = cols // group_size
     block_r, block_c = _blocks(group_size)
     common = dict(HAS_NOISE=noise_seed is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-                  WIDE=_wide(2, rows * cols), num_warps=NUM_WARPS)
+                  WIDE=_wide(2, rows * cols), EVEN_C=group_size % block_c == 0,
+                  FAST_LOG=_fast_log(logits), num_warps=NUM_WARPS)
     shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
-             float(kappa), float(tau))
+             float(kappa), 1.0 / float(tau))
     grid = _grid(rows, n_groups, block_r)
     if grad is None:
         _ternary_fwd_kernel[grid](logits, s_eff, out, *shape, **common)
