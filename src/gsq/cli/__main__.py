@@ -133,10 +133,68 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base model for KL divergence and top-1 agreement")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="who runs a .gguf model: transformers (dequantized to fp32) or llama.cpp "
+                        "(llama-cpp-python, CPU; a .gguf --base runs there too). auto: llama.cpp "
+                        "for .gguf files with tensor types transformers cannot read (e.g. Q2_0), "
+                        "transformers otherwise")
+    p.add_argument("--tokenizer", default=None,
+                   help="llama.cpp engine: tokenize the text with this model's HF tokenizer "
+                        "(default: the one transformers builds from the .gguf file)")
+
+
+ENGINES = ("auto", "transformers", "llama.cpp")
+
+
+def choose_engine(engine: str, model_source: str) -> str:
+    """'transformers' or 'llama.cpp' for `gsq eval --engine` (see its help)."""
+    is_gguf = model_source.lower().endswith(".gguf")
+    if engine == "llama.cpp" and not is_gguf:
+        raise GSQError(f"--engine llama.cpp needs a .gguf model file; got '{model_source}'")
+    if engine != "auto" or not is_gguf:
+        return "transformers" if engine == "auto" else engine
+    import gguf
+
+    from gsq.export.gguf_file import read_gguf
+
+    _, tensors = read_gguf(model_source)  # GSQError for a missing or broken file
+    known = {t.name for t in gguf.GGMLQuantizationType}
+    return "transformers" if all(t.type_name in known for t in tensors) else "llama.cpp"
+
+
+def evaluate_llamacpp(model_source: str, text: str, seqlen: int, max_tokens: int | None,
+                      base: str | None, device: str, progress: bool,
+                      tokenizer: str | None = None) -> dict:
+    """`gsq eval` through llama.cpp: the model (and a .gguf base) run by llama-cpp-python; any
+    other base by transformers on `device`. Same windows and metrics as the transformers path."""
+    from gsq.api import load_any_model, resolve_device
+    from gsq.data.calibration import read_text, tokenize_text
+    from gsq.eval.kl import compare_with_base
+    from gsq.eval.llamacpp import LlamaCppModel, check_same_vocab, load_eval_tokenizer
+    from gsq.eval.perplexity import perplexity
+
+    model = LlamaCppModel(model_source, n_ctx=seqlen)
+    tokens = tokenize_text(load_eval_tokenizer(model_source, tokenizer), read_text(text))
+    if base is None:
+        return perplexity(model, tokens, seqlen, max_tokens, device="cpu", progress=progress)
+    dev = resolve_device(device)
+    if base.lower().endswith(".gguf"):
+        base_model, dev = LlamaCppModel(base, n_ctx=seqlen), resolve_device("cpu")
+    else:
+        base_model, _ = load_any_model(base, device=str(dev))
+    check_same_vocab(model, base_model)
+    return compare_with_base(model, base_model, tokens, seqlen, max_tokens, device=str(dev),
+                             progress=progress)
 
 
 def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
-             base: str | None, device: str, progress: bool) -> dict:
+             base: str | None, device: str, progress: bool, engine: str = "transformers",
+             tokenizer: str | None = None) -> dict:
+    if choose_engine(engine, model_source) == "llama.cpp":
+        return evaluate_llamacpp(model_source, text, seqlen, max_tokens, base, device, progress,
+                                 tokenizer)
+    if tokenizer is not None:
+        raise GSQError("--tokenizer applies to the llama.cpp engine only")
     from gsq.api import load_any_model, resolve_device
     from gsq.data.calibration import read_text, tokenize_text
     from gsq.eval.kl import compare_with_base
@@ -156,11 +214,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise GSQError(f"folder of --json '{args.json}' does not exist")
     result = evaluate(args.model, args.text, args.seqlen, args.max_tokens, args.base, args.device,
-                      not args.quiet)
+                      not args.quiet, engine=args.engine, tokenizer=args.tokenizer)
     line = json.dumps(result)
     print(line)
     if args.json:
         Path(args.json).write_text(line + "\n")
+    return 0
+
+
+def _type_override(value: str) -> tuple[str, str]:
+    pattern, sep, qtype = value.partition("=")
+    if not sep or not pattern.strip() or not qtype.strip():
+        raise argparse.ArgumentTypeError(f"expected MODULE_PATTERN=TYPE; got {value!r}")
+    return pattern.strip(), qtype.strip().upper()
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("qdir", metavar="QUANTIZED_DIR", help="a gsq quantized directory")
+    p.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"))
+    p.add_argument("--out", required=True,
+                   help="output .gguf file or compressed-tensors directory (written atomically)")
+    p.add_argument("--type", action="append", default=[], type=_type_override,
+                   metavar="MODULE_PATTERN=TYPE",
+                   help="gguf: store the matching tensors (fnmatch on module, HF or GGUF names; "
+                        "last match wins) as TYPE, e.g. '*.mlp.down_proj=Q4_0'. Default: the "
+                        "smallest type that holds each quantized tensor exactly")
+    p.add_argument("--float-type", choices=("F16", "F32", "BF16"), default=None,
+                   help="gguf: type of the tensors gsq did not quantize (default F16; norms are "
+                        "always F32)")
+    p.add_argument("--lossy", action="store_true",
+                   help="gguf: round tensors that a --type cannot hold exactly instead of failing")
+    p.add_argument("--container-bits", type=int, default=None, metavar="BITS",
+                   help="compressed-tensors: store the codes in 4- or 8-bit containers")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        if args.container_bits is not None:
+            raise GSQError("--container-bits applies to --format compressed-tensors only")
+        from gsq.export.gguf_file import export_gguf
+
+        r = export_gguf(args.qdir, args.out, float_type=args.float_type or "F16",
+                        type_overrides=dict(args.type), lossy=args.lossy,
+                        overwrite=args.overwrite)
+        types = ", ".join(f"{n} {t}" for t, n in r["tensor_types"].items())
+        bpw = f"{r['quantized_bpw']:.3f}" if r["quantized_bpw"] is not None else "-"
+        inexact = f", {len(r['inexact'])} rounded (--lossy)" if r["inexact"] else ""
+        print(f"exported {r['tensors']} tensors ({types}{inexact}), {bpw} bpw in quantized "
+              f"tensors, {r['file_bytes'] / 2**20:.1f} MiB -> {args.out}")
+        return 0
+    gguf_only = [flag for flag, used in (("--type", args.type), ("--float-type", args.float_type),
+                                         ("--lossy", args.lossy)) if used]
+    if gguf_only:
+        raise GSQError(f"{', '.join(gguf_only)}: for --format gguf only")
+    from gsq.export.compressed_tensors import export_compressed_tensors
+
+    export_compressed_tensors(args.qdir, args.out, container_bits=args.container_bits,
+                              overwrite=args.overwrite)
+    print(f"exported {args.qdir} as compressed-tensors -> {args.out}")
     return 0
 
 
@@ -180,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize_args(sub.add_parser("quantize", help="quantize a model"))
     _add_eval_args(sub.add_parser("eval", help="perplexity, KL and top-1 agreement"))
+    _add_export_args(sub.add_parser("export", help="write a quantized directory as GGUF "
+                                                   "(llama.cpp) or compressed-tensors"))
     demo = sub.add_parser("demo",
                           help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; print a table")
     demo.add_argument("--bits", type=_bits, default=2)
@@ -201,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export,
+                "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except GSQError as err:
