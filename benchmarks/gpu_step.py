@@ -1,0 +1,707 @@
+"""GPU micro-step benchmark: one Llama-3.1-8B-shaped decoder layer, plain vs torch vs fused sampler.
+
+What one micro-step is (as in `gsq.quant.trainer`): soft weights for the trained linears (fresh
+noise seed each micro-step), the layer forward on `batch x seq` tokens, an MSE loss against a
+cached target (the layer with its original weights), and the backward, which accumulates into the
+gradients of the previous micro-steps. One Lion step per `--micro-per-step` micro-steps (paper:
+64 sequences of 4096 tokens per step = 64 micro-steps of 2 x 2048), timed separately and
+amortised: step_ms = micro_ms + opt_ms / micro_per_step.
+
+Rows (`--modes`, default all that apply to the device):
+  plain          bf16 weights requiring grad (the baseline: no sampler), Lion on the weights
+  torch-2bit     gsq quantizers, pure-torch sampler (CategoricalSample), fp32 logits, torch Lion
+  torch-3bit     same, 3-bit shift quantizer (K = 5, clip)
+  torch-ternary  same, ternary (2 logits)
+  fused-2bit     Triton sampler, autograd accumulates the logit gradient, Triton Lion
+  fused-2bit-acc Triton sampler adding the logit gradient into .grad in-kernel (accumulate_grad)
+  fused-2bit-bf16 as fused-2bit-acc with bf16 logits (the spec's bf16 option)
+  fused-3bit-acc, fused-3bit-mask-acc, fused-ternary-acc
+Also measured in the same run: a GEMM ceiling (bf16 matmul TFLOP/s of each linear at batch x
+seq tokens, and the GEMM-only time of the 7 linears' forward + backward), a copy ceiling (GB/s of
+a 2 GiB device copy, read + write), the fused kernels alone on the gate_proj shape (ms, GB/s,
+a tile/warps sweep) and a same-noise fused-vs-torch check on that shape.
+
+Paper-budget projection (method §3.1, §6; Llama-3.1-8B: 32 layers; 4096 train sequences of 4096
+tokens, 20 epochs, batch 64):
+  micro-steps per stage  M = epochs * n_train * seq_paper / (batch * seq)       = 81,920
+  optimiser steps        S = epochs * n_train / batch_paper                      = 1,280
+  per layer  t_layer = 2000 * (t_q + t_k)                   (Q/K stage, quadratic loss, full batch)
+                     + M * (t_vo + t_mlp) + S * (o_vo + o_mlp)   (V/O stage, MLP stage)
+  total      H100-hours = 32 * t_layer / 3600
+where t_q / t_k are one quadratic-loss step (soft W, tr(dW H dW^T), backward, Lion) of q_proj /
+k_proj; t_vo one micro-step of the attention sub-block with soft v/o (q/k hard); t_mlp one
+micro-step of the whole block with attention hard (forward only, no grad) and soft gate/up/down;
+o_* the Lion step of that stage's parameters. Not included: GPTQ, the per-epoch validation
+passes, pushing the buffers through each finished block, data loading. For comparison the joint
+"all 7 linears on the block loss" micro-step gives 32 * (M * t_all7 + S * o_all7) / 3600.
+Published: Llama-3.1-8B about 80 GPU-hours on 8 x H200 (paper Table 10).
+
+    python benchmarks/gpu_step.py --json benchmarks/results/gpu-step-h100.json
+    python benchmarks/gpu_step.py --dry-run        # tiny shapes, CPU, torch path only
+    TRITON_INTERPRET=1 python benchmarks/gpu_step.py --dry-run   # + fused modes, interpreted
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import gsq  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gsq.quant.noise import derive_seed  # noqa: E402
+from gsq.quant.quantizers import InitConfig, LogitQuantizer, make_quantizer  # noqa: E402
+from gsq.quant.rtn import rtn_quantize  # noqa: E402
+from gsq.quant.types import QuantSpec, parse_bits  # noqa: E402
+
+BF16 = torch.bfloat16
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTN, MLP = LINEARS[:4], LINEARS[4:]
+TAU, KAPPA = 1.0, 300.0  # mid-schedule values; timing does not depend on them
+# Modes sharing quantizers (same bits, edge and logit dtype) are adjacent: they reuse them.
+ALL_MODES = ("plain", "torch-2bit", "fused-2bit", "fused-2bit-acc", "fused-2bit-bf16",
+             "torch-3bit", "fused-3bit-acc", "fused-3bit-mask-acc", "torch-ternary",
+             "fused-ternary-acc")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Decoder-layer geometry and micro-batch."""
+
+    hidden: int = 4096
+    ffn: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    batch: int = 2
+    seq: int = 2048
+    group_size: int = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear."""
+        h, f, kv = self.hidden, self.ffn, self.kv_heads * self.head_dim
+        return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+                "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+
+
+# With TRITON_INTERPRET=1 a --dry-run on CPU also runs the fused modes (through the interpreter).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TINY = Shape(hidden=64, ffn=128, heads=4, kv_heads=2, batch=1, seq=32, group_size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+class Timer:
+    """Mean milliseconds of `fn()` over `iters` calls after `warmup`: CUDA events on GPU,
+    perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, fn, warmup: int, iters: int) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# A minimal Llama decoder layer (RMSNorm, GQA attention with RoPE and SDPA, SwiGLU MLP)
+
+
+def make_weights(shape: Shape, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random bf16 linears (std 0.02) and unit RMSNorm weights."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = {name: (torch.randn(o, i, generator=gen, device=device) * 0.02).to(BF16)
+               for name, (o, i) in shape.linear_shapes().items()}
+    weights["input_layernorm"] = torch.ones(shape.hidden, dtype=BF16, device=device)
+    weights["post_attention_layernorm"] = torch.ones(shape.hidden, dtype=BF16, device=device)
+    return weights
+
+
+def rope_tables(shape: Shape, device: torch.device, theta: float = 500000.0):
+    """cos, sin `(seq, head_dim)` in bf16 (Llama-3 base; the frequency scaling does not matter
+    for timing)."""
+    d = shape.head_dim
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    ang = torch.arange(shape.seq, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().to(BF16), emb.sin().to(BF16)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _sdpa(q, k, v):
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    except TypeError:  # torch < 2.5: expand the kv heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_block(x, W, rope, shape: Shape) -> torch.Tensor:
+    """x + o_proj(attn(q, k, v)) for x `(batch, seq, hidden)`."""
+    b, t, _ = x.shape
+    h = _rms_norm(x, W["input_layernorm"])
+    q = F.linear(h, W["q_proj"]).view(b, t, shape.heads, shape.head_dim).transpose(1, 2)
+    k = F.linear(h, W["k_proj"]).view(b, t, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    v = F.linear(h, W["v_proj"]).view(b, t, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    cos, sin = rope
+    a = _sdpa(_rotate(q, cos, sin), _rotate(k, cos, sin), v)
+    return x + F.linear(a.transpose(1, 2).reshape(b, t, shape.hidden), W["o_proj"])
+
+
+def mlp_block(x, W) -> torch.Tensor:
+    """x + down(silu(gate(h)) * up(h))."""
+    h = _rms_norm(x, W["post_attention_layernorm"])
+    return x + F.linear(F.silu(F.linear(h, W["gate_proj"])) * F.linear(h, W["up_proj"]),
+                        W["down_proj"])
+
+
+def decoder_layer(x, W, rope, shape: Shape) -> torch.Tensor:
+    return mlp_block(attention_block(x, W, rope, shape), W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and optimisers
+
+
+def build_quantizers(weights, names, bits, edge: str, logits_dtype, group_size: int,
+                     device) -> dict[str, LogitQuantizer]:
+    """gsq quantizers around RTN codes of `weights[name]` (logits in `logits_dtype`)."""
+    spec = QuantSpec(parse_bits(bits), group_size)
+    cfg = InitConfig(shift_edge=edge, logits_dtype=logits_dtype)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name in names:
+        init = rtn_quantize(weights[name].float(), spec)
+        out[name] = make_quantizer(init, cfg, gen).to(device)
+        del init
+    return out
+
+
+def soft_weight(q: LogitQuantizer, seed: int, impl: str) -> torch.Tensor:
+    """One soft weight in bf16: `impl` = torch | fused | fused-acc."""
+    if impl == "torch":
+        return q.soft(TAU, KAPPA, seed, BF16)
+    from gsq.kernels.sampler_triton import FusedCategoricalSample, FusedTernarySample
+
+    acc = impl == "fused-acc"
+    g = q.spec.group_size
+    if q.spec.is_ternary:
+        return FusedTernarySample.apply(q.logits, q.scale, KAPPA, TAU, seed, g, q.scale_dtype,
+                                        BF16, acc)
+    return FusedCategoricalSample.apply(q.logits, q.scale, q.values, getattr(q, "valid", None),
+                                        KAPPA, TAU, seed, g, q.scale_dtype, BF16, acc)
+
+
+class _TorchLion(torch.optim.Optimizer):
+    """Fallback when lion_pytorch is not installed: the same update as lion_pytorch's update_fn."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, (b1, b2) = group["lr"], group["weight_decay"], group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1.0 - lr * wd)
+                p.add_(m.mul(b1).add(p.grad, alpha=1.0 - b1).sign_(), alpha=-lr)
+                m.mul_(b2).add_(p.grad, alpha=1.0 - b2)
+
+
+def lion_for(groups, use_triton: bool):
+    """lion_pytorch's Lion (its Triton update when `use_triton` and on CUDA: it asserts CUDA
+    tensors); (optimizer, description)."""
+    use_triton = use_triton and all(p.is_cuda for g in groups for p in g["params"])
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        return _TorchLion(groups), "torch fallback (lion_pytorch missing)"
+    opt = Lion(groups, lr=1e-4, betas=(0.9, 0.95), use_triton=use_triton)
+    return opt, f"lion_pytorch{' (triton)' if use_triton else ''}"
+
+
+def quantizer_groups(quantizers: dict[str, LogitQuantizer]) -> list[dict]:
+    """Parameter groups as `gsq.quant.trainer._make_optimizer` builds them."""
+    return [{"params": [q.logits for q in quantizers.values()], "weight_decay": 1.0},
+            {"params": [q.scale for q in quantizers.values()], "lr": 5e-5, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-steps
+
+
+class Step:
+    """A micro-step closure over a layer, its fixed weights and the trained quantizers."""
+
+    def __init__(self, kind: str, shape: Shape, weights, rope, x, target, quantizers, impl):
+        self.kind, self.shape, self.weights, self.rope = kind, shape, weights, rope
+        self.x, self.target, self.quantizers, self.impl = x, target, quantizers, impl
+        self.count = 0
+
+    def soft(self) -> dict[str, torch.Tensor]:
+        self.count += 1
+        return {name: soft_weight(q, derive_seed(0, qi, self.count), self.impl)
+                for qi, (name, q) in enumerate(self.quantizers.items())}
+
+    def __call__(self) -> None:
+        W = dict(self.weights)
+        W.update(self.soft())
+        if self.kind == "all7":
+            out = decoder_layer(self.x, W, self.rope, self.shape)
+        elif self.kind == "vo":
+            out = attention_block(self.x, W, self.rope, self.shape)
+        else:  # "mlp": attention hard and frozen, forward only
+            with torch.no_grad():
+                h = attention_block(self.x, W, self.rope, self.shape)
+            out = mlp_block(h, W)
+        F.mse_loss(out.float(), self.target.float()).backward()
+
+
+class PlainStep:
+    """Baseline: bf16 weights requiring grad, no sampler."""
+
+    def __init__(self, shape: Shape, params, weights, rope, x, target):
+        self.shape, self.params, self.weights = shape, params, weights
+        self.rope, self.x, self.target = rope, x, target
+
+    def __call__(self) -> None:
+        W = dict(self.weights)
+        W.update(self.params)
+        out = decoder_layer(self.x, W, self.rope, self.shape)
+        F.mse_loss(out.float(), self.target.float()).backward()
+
+
+class QuadraticStep:
+    """Q/K stage step: tr(dW H dW^T) of one soft linear, full batch, then Lion."""
+
+    def __init__(self, q: LogitQuantizer, W_f: torch.Tensor, impl: str, opt):
+        cols = W_f.shape[1]
+        gen = torch.Generator(device=W_f.device).manual_seed(1)
+        X = torch.randn(cols, cols, device=W_f.device, generator=gen) / math.sqrt(cols)
+        self.H = X @ X.T
+        self.q, self.W_f, self.impl, self.opt, self.count = q, W_f.float(), impl, opt, 0
+
+    def __call__(self) -> None:
+        self.count += 1
+        W = soft_weight(self.q, derive_seed(1, self.count), self.impl)
+        dW = W.float() - self.W_f
+        ((dW @ self.H) * dW).sum().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+
+
+def parse_mode(mode: str) -> dict:
+    """'fused-3bit-mask-acc' -> impl fused-acc, bits 3, edge mask, logits fp32."""
+    parts = mode.split("-")
+    impl = parts[0]
+    if "acc" in parts or "bf16" in parts:
+        impl = "fused-acc"
+    bits = {"2bit": 2, "3bit": 3, "ternary": "ternary"}[parts[1]]
+    return {"impl": impl, "bits": bits, "edge": "mask" if "mask" in parts else "clip",
+            "logits_dtype": BF16 if "bf16" in parts else torch.float32}
+
+
+def run_plain(ctx, timer, args) -> dict:
+    params = {n: ctx["weights"][n].clone().requires_grad_(True) for n in LINEARS}
+    step = PlainStep(ctx["shape"], params, ctx["weights"], ctx["rope"], ctx["x"], ctx["target"])
+    opt, lion = lion_for([{"params": list(params.values()), "weight_decay": 0.0}], False)
+    micro = timer.ms(step, args.warmup, args.iters)
+    opt_ms = timer.ms(opt.step, 1, 3)
+    return {"micro_ms": micro, "opt_ms": opt_ms, "optimizer": lion}
+
+
+def run_quantized(ctx, timer, args, mode: str, projection: bool) -> dict:
+    """All-7 micro-step of one sampler mode (and, with `projection`, the staged steps)."""
+    m = parse_mode(mode)
+    fused = m["impl"] != "torch"
+    qs = cached_quantizers(ctx, m)
+    opt, lion = lion_for(quantizer_groups(qs), use_triton=fused)
+    step = Step("all7", ctx["shape"], ctx["weights"], ctx["rope"], ctx["x"], ctx["target"], qs,
+                m["impl"])
+    micro = timer.ms(step, args.warmup, args.iters)
+    opt_ms = timer.ms(opt.step, 1, 3)
+    row = {"micro_ms": micro, "opt_ms": opt_ms, "optimizer": lion}
+    if projection:
+        opt.zero_grad(set_to_none=True)
+        row["stages"] = stage_times(ctx, timer, args, qs, m["impl"], fused)
+    opt.zero_grad(set_to_none=True)
+    del step, opt, qs
+    return row
+
+
+def cached_quantizers(ctx, m: dict) -> dict[str, LogitQuantizer]:
+    """The quantizers of mode `m`, reused by adjacent modes with the same (bits, edge, dtype);
+    gradients cleared. Other cached quantizers are dropped first (peak memory per mode)."""
+    key = (m["bits"], m["edge"], m["logits_dtype"])
+    cached = ctx.get("qcache")
+    if cached is None or cached[0] != key:
+        ctx["qcache"] = None
+        reset_peak(ctx["device"])
+        qs = build_quantizers(ctx["weights"], LINEARS, m["bits"], m["edge"], m["logits_dtype"],
+                              ctx["shape"].group_size, ctx["device"])
+        ctx["qcache"] = (key, qs)
+    qs = ctx["qcache"][1]
+    for q in qs.values():
+        q.zero_grad(set_to_none=True)
+    return qs
+
+
+def stage_times(ctx, timer, args, qs, impl, fused) -> dict:
+    """Per-stage micro-step and optimiser times for the projection (see module doc)."""
+    out = {}
+    for kind, names in (("vo", ("v_proj", "o_proj")), ("mlp", MLP)):
+        sub = {n: qs[n] for n in names}
+        target = ctx["target_attn"] if kind == "vo" else ctx["target"]
+        step = Step(kind, ctx["shape"], ctx["weights"], ctx["rope"], ctx["x"], target, sub, impl)
+        opt, _ = lion_for(quantizer_groups(sub), use_triton=fused)
+        out[f"t_{kind}"] = timer.ms(step, args.warmup, args.iters)
+        out[f"o_{kind}"] = timer.ms(opt.step, 1, 3)
+        opt.zero_grad(set_to_none=True)
+    for name in ("q_proj", "k_proj"):
+        opt, _ = lion_for(quantizer_groups({name: qs[name]}), use_triton=fused)
+        step = QuadraticStep(qs[name], ctx["weights"][name], impl, opt)
+        out[f"t_{name[0]}"] = timer.ms(step, 2, max(3, args.iters // 2))
+        del step, opt
+    return out
+
+
+def project(stages: dict, args) -> dict:
+    """Paper-budget H100-hours from the stage times (formula in the module doc)."""
+    micro = args.epochs * args.n_train * args.seq_paper / (args.micro_batch_tokens())
+    steps = args.epochs * args.n_train / args.batch_paper
+    layer_s = (args.qk_steps * (stages["t_q"] + stages["t_k"])
+               + micro * (stages["t_vo"] + stages["t_mlp"])
+               + steps * (stages["o_vo"] + stages["o_mlp"])) / 1e3
+    return {"micro_steps_per_stage": micro, "opt_steps_per_stage": steps,
+            "layer_hours": layer_s / 3600, "total_gpu_hours": args.layers * layer_s / 3600}
+
+
+def project_joint(row: dict, args) -> float:
+    micro = args.epochs * args.n_train * args.seq_paper / args.micro_batch_tokens()
+    steps = args.epochs * args.n_train / args.batch_paper
+    return args.layers * (micro * row["micro_ms"] + steps * row["opt_ms"]) / 1e3 / 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings and kernel-only timings
+
+
+def gemm_ceiling(shape: Shape, device, timer) -> dict:
+    """bf16 `x @ W^T` TFLOP/s per linear at batch*seq tokens, and the 7 linears' fwd+bwd GEMM
+    time (3 GEMMs of equal flops each) at those rates."""
+    M = shape.tokens
+    per, floor_ms = {}, 0.0
+    for name, (o, i) in shape.linear_shapes().items():
+        x = torch.randn(M, i, device=device, dtype=BF16)
+        w = torch.randn(o, i, device=device, dtype=BF16)
+        ms = timer.ms(lambda x=x, w=w: x @ w.T, 3, 10)
+        per[name] = 2 * M * o * i / (ms * 1e-3) / 1e12
+        floor_ms += 3 * ms
+        del x, w
+    return {"tflops": per, "linears_fwd_bwd_ms": floor_ms}
+
+
+def copy_ceiling(device, timer, gib: float) -> dict:
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=BF16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = timer.ms(lambda: dst.copy_(src), 2, 10)
+    return {"bytes": 2 * n, "gbps": 2 * (2 * n) / (ms * 1e-3) / 1e9, "ms": ms}
+
+
+def kernel_bench(shape: Shape, device, timer) -> dict:
+    """Fused sampler kernels alone on gate_proj, 2-bit, fp32 logits: a tile/warps sweep, the
+    effective GB/s (bytes the kernel must move), and a same-noise check against the torch path."""
+    from gsq.kernels import sampler_triton as st
+    from gsq.quant import sampler as sm
+
+    o, i = shape.linear_shapes()["gate_proj"]
+    g, k = shape.group_size, 4
+    gen = torch.Generator(device=device).manual_seed(2)
+    logits = (torch.randn(k, o, i, device=device, generator=gen) * 0.05).requires_grad_()
+    scale = (torch.randn(o, i // g, device=device, generator=gen) * 0.02).requires_grad_()
+    values = torch.tensor([-2.0, -1.0, 0.0, 1.0], device=device).view(4, 1, 1)
+    G = torch.randn(o, i, device=device, generator=gen).to(BF16)
+    args = (values, None, KAPPA, TAU, 123, g, BF16, BF16)
+    n = o * i
+    fwd_bytes, bwd_bytes = n * (4 * k + 2), n * (4 * k + 2 + 4 * k * 2)  # bwd: accumulate
+    sweep, saved = [], (st.TILE_ELEMS, st.NUM_WARPS)
+    logits.grad = torch.zeros_like(logits)
+    for tile, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (256, 2)):
+        st.TILE_ELEMS, st.NUM_WARPS = tile, warps
+        with torch.no_grad():
+            f_ms = timer.ms(lambda: st.FusedCategoricalSample.apply(logits, scale, *args), 2, 10)
+
+        def fwd_bwd():
+            st.FusedCategoricalSample.apply(logits, scale, *args, True).backward(G)
+
+        fb_ms = timer.ms(fwd_bwd, 2, 10)
+        sweep.append({"tile": tile, "warps": warps, "fwd_ms": f_ms, "bwd_ms": fb_ms - f_ms,
+                      "fwd_gbps": fwd_bytes / (f_ms * 1e-3) / 1e9,
+                      "bwd_gbps": bwd_bytes / max(fb_ms - f_ms, 1e-6) * 1e3 / 1e9})
+    st.TILE_ELEMS, st.NUM_WARPS = saved
+    logits.grad = None
+    with torch.no_grad():
+        t_ms = timer.ms(lambda: sm.CategoricalSample.apply(logits, scale, *args), 1, 3)
+    return {"shape": [k, o, i], "sweep": sweep, "torch_fwd_ms": t_ms,
+            "check": same_noise_check(st, sm, logits, scale, args, G)}
+
+
+def same_noise_check(st, sm, logits, scale, args, G) -> dict:
+    """Max relative differences fused vs torch (torch fed the kernels' uniforms)."""
+    real = sm.seeded_uniform
+    sm.seeded_uniform = st.triton_uniform
+    try:
+        res = []
+        for fn in (st.FusedCategoricalSample.apply, sm.CategoricalSample.apply):
+            W = fn(logits, scale, *args)
+            res.append((W.detach().float(), *torch.autograd.grad((W * G).sum(), (logits, scale))))
+            del W
+    finally:
+        sm.seeded_uniform = real
+
+    def rel(a, b):
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+    (w, gl, gs), (w_r, gl_r, gs_r) = res
+    return {"forward": rel(w, w_r), "logits_grad": rel(gl, gl_r), "scale_grad": rel(gs, gs_r)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def table(rows: dict, plain_ms: float | None, torch2_ms: float | None) -> str:
+    head = ("| mode | micro-step ms | Lion ms | step ms (amortised) | x plain | speed-up vs "
+            "torch-2bit | peak GiB | optimizer |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:80]} |  |  |  |  |  |  |")
+            continue
+        s = r["step_ms"]
+        xp = f"{s / plain_ms:.2f}" if plain_ms else "-"
+        sp = f"{torch2_ms / s:.2f}" if torch2_ms else "-"
+        pk = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        lines.append(f"| {name} | {r['micro_ms']:.2f} | {r['opt_ms']:.2f} | {s:.2f} | {xp} | "
+                     f"{sp} | {pk} | {r['optimizer']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the module docstring for the projection formula.")
+    p.add_argument("--json", type=Path, help="write all results as JSON here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes on CPU, torch path only (checks the script without a GPU)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES)
+    p.add_argument("--hidden", type=int, default=Shape.hidden)
+    p.add_argument("--ffn", type=int, default=Shape.ffn)
+    p.add_argument("--heads", type=int, default=Shape.heads)
+    p.add_argument("--kv-heads", type=int, default=Shape.kv_heads)
+    p.add_argument("--batch", type=int, default=Shape.batch, help="sequences per micro-step")
+    p.add_argument("--seq", type=int, default=Shape.seq, help="tokens per sequence")
+    p.add_argument("--group-size", type=int, default=Shape.group_size)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--micro-per-step", type=int, default=64,
+                   help="micro-steps per Lion step (paper: 64 x 4096 tokens / (batch x seq))")
+    p.add_argument("--no-projection", action="store_true", help="skip the staged timings")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel-only timings")
+    p.add_argument("--copy-gib", type=float, default=2.0)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--n-train", type=int, default=4096, help="training sequences")
+    p.add_argument("--seq-paper", type=int, default=4096, help="tokens per training sequence")
+    p.add_argument("--batch-paper", type=int, default=64, help="sequences per optimiser step")
+    p.add_argument("--qk-steps", type=int, default=2000, help="Q/K stage full-batch steps")
+    args = p.parse_args(argv)
+    args.micro_batch_tokens = lambda: args.batch * args.seq
+    return args
+
+
+def setup(args) -> dict:
+    if args.dry_run:
+        shape = TINY  # the projection keeps the paper's numbers
+        args.warmup, args.iters, args.copy_gib = 1, 2, 0.01
+        args.batch, args.seq = TINY.batch, TINY.seq
+    else:
+        shape = Shape(args.hidden, args.ffn, args.heads, args.kv_heads, args.batch, args.seq,
+                      args.group_size)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dry_run and args.device is None:
+        device = torch.device("cpu")
+    weights = make_weights(shape, device)
+    rope = rope_tables(shape, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(shape.batch, shape.seq, shape.hidden, device=device, generator=gen).to(BF16)
+    with torch.no_grad():
+        target_attn = attention_block(x, weights, rope, shape)
+        target = mlp_block(target_attn, weights)
+    return {"shape": shape, "device": device, "weights": weights, "rope": rope, "x": x,
+            "target": target, "target_attn": target_attn}
+
+
+def default_modes(device) -> list[str]:
+    if device.type != "cuda" and not INTERPRET:
+        return ["plain", "torch-2bit", "torch-3bit", "torch-ternary"]
+    return list(ALL_MODES)
+
+
+def run_mode(name, ctx, timer, args) -> dict:
+    reset_peak(ctx["device"])
+    try:
+        if name == "plain":
+            row = run_plain(ctx, timer, args)
+        else:
+            projection = not args.no_projection and name in ("torch-2bit", "fused-2bit-acc")
+            row = run_quantized(ctx, timer, args, name, projection)
+    except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    row["step_ms"] = row["micro_ms"] + row["opt_ms"] / args.micro_per_step
+    row["peak_gib"] = peak_gib(ctx["device"])
+    if "stages" in row:
+        row["projection"] = project(row["stages"], args)
+    row["joint_all7_gpu_hours"] = project_joint(row, args)
+    reset_peak(ctx["device"])
+    return row
+
+
+def environment(device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    with contextlib.suppress(ImportError):
+        import triton
+
+        env["triton"] = triton.__version__
+    return env
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    ctx = setup(args)
+    device, timer = ctx["device"], Timer(ctx["device"])
+    modes = args.modes or default_modes(device)
+    if device.type != "cuda" and not INTERPRET:
+        modes = [m for m in modes if not m.startswith("fused")]
+    result = {"env": environment(device), "shape": asdict(ctx["shape"]), "modes": {},
+              "micro_per_step": args.micro_per_step}
+    for name in modes:
+        result["modes"][name] = run_mode(name, ctx, timer, args)
+        print(f"[{time.perf_counter() - t0:6.1f}s] {name}: "
+              f"{json.dumps(result['modes'][name], default=str)[:300]}", flush=True)
+    result["gemm_ceiling"] = gemm_ceiling(ctx["shape"], device, timer)
+    result["copy_ceiling"] = copy_ceiling(device, timer, args.copy_gib)
+    if (device.type == "cuda" or INTERPRET) and not args.no_kernels:
+        try:
+            result["kernels"] = kernel_bench(ctx["shape"], device, timer)
+        except Exception as exc:  # noqa: BLE001
+            result["kernels"] = {"error": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = time.perf_counter() - t0
+    report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def report(result: dict) -> None:
+    rows = result["modes"]
+    plain = rows.get("plain", {}).get("step_ms")
+    torch2 = rows.get("torch-2bit", {}).get("step_ms")
+    print(f"\n{result['env']}  shape {result['shape']}\n")
+    print(table(rows, plain, torch2))
+    gc_ = result["gemm_ceiling"]
+    print("\nGEMM ceiling TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in gc_["tflops"].items())
+          + f"; 7 linears fwd+bwd GEMMs alone: {gc_['linears_fwd_bwd_ms']:.2f} ms")
+    print(f"copy ceiling: {result['copy_ceiling']['gbps']:.0f} GB/s")
+    for name, r in rows.items():
+        if "projection" in r:
+            p = r["projection"]
+            print(f"paper budget, staged ({name}): {p['total_gpu_hours']:.1f} GPU-hours "
+                  f"({p['layer_hours'] * 60:.1f} min per layer); joint all-7: "
+                  f"{r['joint_all7_gpu_hours']:.1f}")
+    k = result.get("kernels")
+    if k and "sweep" in k:
+        for s in k["sweep"]:
+            print(f"kernels tile {s['tile']} warps {s['warps']}: fwd {s['fwd_ms']:.2f} ms "
+                  f"({s['fwd_gbps']:.0f} GB/s), bwd {s['bwd_ms']:.2f} ms "
+                  f"({s['bwd_gbps']:.0f} GB/s)")
+        print(f"same-noise check vs torch: {k['check']}")
+    elif k:
+        print(f"kernels: {k}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
