@@ -32,6 +32,10 @@ OUT, IN = 8, 128
 SEED = 0x1234_5678_9ABC  # > 2^32: exercises both words of the Philox key
 KAPPA, TAU = 100.0, 2.0
 BF16 = torch.bfloat16
+# fp32 tolerances (relative to the largest reference value): the interpreter runs exact logs and
+# divisions; compiled CUDA kernels use ex2/lg2.approx and approximate division (~1e-7 relative).
+RTOL_W = 1e-6 if DEVICE == "cpu" else 1e-5
+RTOL_G = 1e-5 if DEVICE == "cpu" else 5e-5
 
 
 @pytest.fixture
@@ -146,9 +150,9 @@ def test_fp32_matches_torch_path(case, same_noise):
     R = _upstream()
     W, gl, gs = _run(lambda q: _fused_soft(q, SEED, torch.float32), q, R)
     W_ref, gl_ref, gs_ref = _run(lambda q: _torch_soft(q, SEED, torch.float32), q, R)
-    _assert_rel(W, W_ref, 1e-6, "forward")
-    _assert_rel(gl, gl_ref, 1e-5, "logit gradient")
-    _assert_rel(gs, gs_ref, 1e-5, "scale gradient")
+    _assert_rel(W, W_ref, RTOL_W, "forward")
+    _assert_rel(gl, gl_ref, RTOL_G, "logit gradient")
+    _assert_rel(gs, gs_ref, RTOL_G, "scale gradient")
     assert gl.dtype == torch.float32 and gs.dtype == torch.float32
     if _valid(q) is not None:
         assert (~q.valid).any()
@@ -166,8 +170,8 @@ def test_bf16_output_matches_torch_path(case, same_noise):
     _assert_bf16_close(W, W_ref)
     if DEVICE == "cuda":  # the interpreter truncates fp32 -> bf16; compiled kernels round (RTNE)
         assert torch.eq(W, W_ref).float().mean() > 0.95
-    _assert_rel(gl, gl_ref, 1e-5, "logit gradient")  # the upstream gradient is bf16 in both
-    _assert_rel(gs, gs_ref, 1e-5, "scale gradient")
+    _assert_rel(gl, gl_ref, RTOL_G, "logit gradient")  # the upstream gradient is bf16 in both
+    _assert_rel(gs, gs_ref, RTOL_G, "scale gradient")
 
 
 @pytest.mark.parametrize("case", ["grid2-g64", "shift4-mask-g32", "ternary-g32"])
@@ -180,7 +184,7 @@ def test_bf16_logits_match_torch_path(case, same_noise):
     assert gl.dtype == BF16
     _assert_bf16_close(W, W_ref)
     _assert_bf16_close(gl, gl_ref)
-    _assert_rel(gs, gs_ref, 1e-5, "scale gradient")
+    _assert_rel(gs, gs_ref, RTOL_G, "scale gradient")
 
 
 @pytest.mark.parametrize("case", ["grid2-g32", "shift3-clip-g64", "shift4-mask-g32",
@@ -203,9 +207,9 @@ def test_gradients_match_autograd_of_plain_torch_forward(case, same_noise):
 
     W, gl, gs = _run(lambda q: _fused_soft(q, SEED, torch.float32), q, R)
     W_ref, gl_ref, gs_ref = _run(plain, q, R)
-    _assert_rel(W, W_ref, 1e-6, "forward")
-    _assert_rel(gl, gl_ref, 1e-5, "logit gradient")
-    _assert_rel(gs, gs_ref, 1e-5, "scale gradient")
+    _assert_rel(W, W_ref, RTOL_W, "forward")
+    _assert_rel(gl, gl_ref, RTOL_G, "logit gradient")
+    _assert_rel(gs, gs_ref, RTOL_G, "scale gradient")
 
 
 @pytest.mark.parametrize("k", [2, 4, 5])
@@ -220,7 +224,7 @@ def test_generic_candidate_counts_without_noise(k):
         W = fn(logits, scale, values, None, KAPPA, TAU, None, 64, BF16, torch.float32)
         outs.append((W.detach(), *torch.autograd.grad((W * R).sum(), (logits, scale))))
     for a, b, what in zip(outs[0], outs[1], ("forward", "logits", "scale"), strict=True):
-        _assert_rel(a, b, 1e-5, what)
+        _assert_rel(a, b, RTOL_G, what)
 
 
 def test_int64_index_path(monkeypatch, same_noise):
