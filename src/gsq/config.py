@@ -40,7 +40,9 @@ class QuantizeConfig:
     gptq_block_size: int = 128
     static_groups: bool = False
     seed: int = 0
-    offload_activations: bool = True  # keep calibration activations on the host between uses
+    # Where calibration activations live between uses: True = host, False = the device,
+    # None = the device when they fit in a quarter of its free memory, else the host.
+    offload_activations: bool | None = None
     max_blocks: int | None = None  # quantize only the first N blocks (smoke tests, comparisons)
 
     def __post_init__(self) -> None:

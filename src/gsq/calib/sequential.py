@@ -269,6 +269,24 @@ def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: Qua
     return records, report, next_bufs
 
 
+def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int,
+                    device: torch.device) -> torch.device:
+    """Where the block inputs and FP targets live between uses (see `offload_activations`).
+
+    Auto mode counts three copies of every split's hidden states (inputs, attention and block
+    targets, fp32) and keeps them on the GPU when that is under a quarter of its free memory:
+    host round trips cost more than the training itself on small models.
+    """
+    if device.type != "cuda" or cfg.offload_activations:
+        return torch.device("cpu")
+    if cfg.offload_activations is False:
+        return device
+    tokens = sum(w.numel() for w in windows.values())
+    need = 3 * tokens * hidden * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < free // 4 else torch.device("cpu")
+
+
 def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
                      cfg: QuantizeConfig, device: torch.device,
                      progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -287,7 +305,7 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
     # Activations live on the host between blocks (unless offload is off): only the current
     # block and its training state occupy the device.
-    home = torch.device("cpu") if cfg.offload_activations else device
+    home = activation_home(cfg, windows, model.config.hidden_size, device)
     bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
                                           cfg.train.micro_batch_size).to(home)
                      for s in ("train", "val", "gptq")))

@@ -40,6 +40,14 @@ def _override(value: str) -> tuple[str, str]:
     return pattern, bits
 
 
+def _offload_choice(args) -> bool | None:
+    if args.offload_activations and args.keep_activations_on_device:
+        raise GSQError("--offload-activations and --keep-activations-on-device exclude each other")
+    if args.offload_activations:
+        return True
+    return False if args.keep_activations_on_device else None
+
+
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face id or directory, a .gguf file, or 'smollm2-demo'")
     p.add_argument("--method", choices=("gsq", "gptq", "rtn"), default="gsq")
@@ -73,6 +81,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--max-blocks", type=_positive, help="quantize only the first N blocks")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="always keep calibration activations on the host between blocks (default: "
+                        "on the device when they fit in a quarter of its free memory)")
     p.add_argument("--keep-activations-on-device", action="store_true",
                    help="keep calibration activations on the GPU between blocks (faster, uses "
                         "more GPU memory)")
@@ -103,7 +114,7 @@ def build_config(args: argparse.Namespace):
         return base.replace(
             method=args.method, bits=args.bits, group_size=args.group_size, init=args.init,
             scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
-            seed=args.seed, offload_activations=not args.keep_activations_on_device,
+            seed=args.seed, offload_activations=_offload_choice(args),
             train=dataclasses.replace(base.train, **train_changes), **changes)
     except ValueError as err:
         raise GSQError(str(err)) from err
