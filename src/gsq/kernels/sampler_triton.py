@@ -244,7 +244,7 @@ def _categorical_fwd_kernel(
     seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
-    FAST_LOG: tl.constexpr,
+    N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """W[r, c] = s[r, c // g] · Σ_k p_k v_k for BLOCK_R rows of scale group `program_id(1)`."""
     pid_r = tl.program_id(0)
@@ -253,7 +253,8 @@ def _categorical_fwd_kernel(
         n_w = n_w.to(tl.int64)
     rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rows1 < n_rows, other=0.0)
-    for c0 in range(0, group_size, BLOCK_C):
+    for ci in range(N_CHUNKS):  # constexpr trip count: a plain loop, not unrolled
+        c0 = ci * BLOCK_C
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
         p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
@@ -269,7 +270,7 @@ def _categorical_bwd_kernel(
     seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau, k_over_t,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
     ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
-    EVEN_C: tl.constexpr, FAST_LOG: tl.constexpr,
+    EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise)."""
     pid_r = tl.program_id(0)
@@ -280,7 +281,8 @@ def _categorical_bwd_kernel(
     rmask = rows1 < n_rows
     s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rmask, other=0.0)
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for c0 in range(0, group_size, BLOCK_C):
+    for ci in range(N_CHUNKS):  # constexpr trip count: a plain loop, not unrolled
+        c0 = ci * BLOCK_C
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
         p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
@@ -305,7 +307,7 @@ def _ternary_fwd_kernel(
     logits_ptr, scale_ptr, out_ptr, seed, n_rows, n_cols, n_w, group_size, n_groups, kappa,
     inv_tau,
     HAS_NOISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
-    EVEN_C: tl.constexpr, FAST_LOG: tl.constexpr,
+    EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """W = s · m · b for BLOCK_R rows of scale group `program_id(1)`."""
     pid_r = tl.program_id(0)
@@ -314,7 +316,8 @@ def _ternary_fwd_kernel(
         n_w = n_w.to(tl.int64)
     rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rows1 < n_rows, other=0.0)
-    for c0 in range(0, group_size, BLOCK_C):
+    for ci in range(N_CHUNKS):  # constexpr trip count: a plain loop, not unrolled
+        c0 = ci * BLOCK_C
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
         m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
@@ -329,7 +332,7 @@ def _ternary_bwd_kernel(
     n_groups, kappa, inv_tau, k_over_t,
     HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
-    FAST_LOG: tl.constexpr,
+    N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """∂ℓ_m = h·b·m(1−m)·2κ/τ, ∂ℓ_b = h·m·(1+b)(1−b)·κ/τ, ∂s = Σ_group G·m·b; h = G·s."""
     pid_r = tl.program_id(0)
@@ -340,7 +343,8 @@ def _ternary_bwd_kernel(
     rmask = rows1 < n_rows
     s = tl.load(scale_ptr + rows1 * n_groups + gid, mask=rmask, other=0.0)
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for c0 in range(0, group_size, BLOCK_C):
+    for ci in range(N_CHUNKS):  # constexpr trip count: a plain loop, not unrolled
+        c0 = ci * BLOCK_C
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
         m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
@@ -493,7 +497,8 @@ def _launch_categorical(cfg, logits: Tensor, s_eff: Tensor, values: Tensor,
     common = dict(K=k, HAS_NOISE=noise_seed is not None, HAS_VALID=valid_u8 is not None,
                   PER_WEIGHT=per_weight, BLOCK_R=block_r, BLOCK_C=block_c,
                   WIDE=_wide(k, rows * cols), EVEN_C=group_size % block_c == 0,
-                  FAST_LOG=_fast_log(logits), num_warps=NUM_WARPS)
+                  N_CHUNKS=triton.cdiv(group_size, block_c), FAST_LOG=_fast_log(logits),
+                  num_warps=NUM_WARPS)
     valid_arg = valid_u8 if valid_u8 is not None else logits  # never read without HAS_VALID
     shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
              float(kappa), 1.0 / float(tau))
@@ -545,7 +550,8 @@ def _launch_ternary(cfg, logits: Tensor, s_eff: Tensor, out: Tensor | None = Non
     block_r, block_c = _blocks(group_size)
     common = dict(HAS_NOISE=noise_seed is not None, BLOCK_R=block_r, BLOCK_C=block_c,
                   WIDE=_wide(2, rows * cols), EVEN_C=group_size % block_c == 0,
-                  FAST_LOG=_fast_log(logits), num_warps=NUM_WARPS)
+                  N_CHUNKS=triton.cdiv(group_size, block_c), FAST_LOG=_fast_log(logits),
+                  num_warps=NUM_WARPS)
     shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
              float(kappa), 1.0 / float(tau))
     grid = _grid(rows, n_groups, block_r)
