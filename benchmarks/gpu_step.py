@@ -242,12 +242,17 @@ def build_quantizers(weights, names, bits, edge: str, logits_dtype, group_size: 
 
 def soft_weight(q: LogitQuantizer, seed: int, impl: str) -> torch.Tensor:
     """One soft weight in bf16: `impl` = torch | fused | fused-acc."""
-    if impl == "torch":
-        return q.soft(TAU, KAPPA, seed, BF16)
+    g = q.spec.group_size
+    if impl == "torch":  # explicitly the torch path, whatever q.soft dispatches to
+        from gsq.quant.sampler import CategoricalSample, TernarySample
+
+        if q.spec.is_ternary:
+            return TernarySample.apply(q.logits, q.scale, KAPPA, TAU, seed, g, q.scale_dtype, BF16)
+        return CategoricalSample.apply(q.logits, q.scale, q.values, getattr(q, "valid", None),
+                                       KAPPA, TAU, seed, g, q.scale_dtype, BF16)
     from gsq.kernels.sampler_triton import FusedCategoricalSample, FusedTernarySample
 
     acc = impl == "fused-acc"
-    g = q.spec.group_size
     if q.spec.is_ternary:
         return FusedTernarySample.apply(q.logits, q.scale, KAPPA, TAU, seed, g, q.scale_dtype,
                                         BF16, acc)
@@ -624,7 +629,8 @@ def run_mode(name, ctx, timer, args) -> dict:
         if name == "plain":
             row = run_plain(ctx, timer, args)
         else:
-            projection = not args.no_projection and name in ("torch-2bit", "fused-2bit-acc")
+            projection = not args.no_projection and name in ("torch-2bit", "fused-2bit-acc",
+                                                                "fused-2bit-bf16")
             row = run_quantized(ctx, timer, args, name, projection)
     except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others
         return {"error": f"{type(exc).__name__}: {exc}"}
