@@ -341,6 +341,11 @@ def plan_tensors(float_weights: dict[str, tuple[tuple[int, ...], Callable[[], to
             planned.append(PlannedTensor(gguf_name, hf_name, shape, qtype,
                                          load=float_weights[hf_name][1]))
     _apply_overrides(planned, overrides or {})
+    for t in planned:
+        try:
+            t.nbytes  # noqa: B018 (checks that the rows are whole blocks of the type)
+        except GSQError as err:
+            raise GSQError(f"'{t.module}' cannot be stored as {t.qtype}: {err}") from None
     return sorted(planned, key=_gguf_order)
 
 
