@@ -145,6 +145,13 @@ def test_eval_gguf_against_the_gsq_directory(capsys, llama_cpp, files, gguf_path
     assert json.loads((tmp_path / "r.json").read_text()) == result
 
 
+def test_eval_gguf_against_itself_as_gguf_base(capsys, llama_cpp, files, gguf_path):
+    result = _eval(capsys, gguf_path, files["eval"], "--engine", "llama.cpp", "--base",
+                   str(gguf_path))
+    assert result["kl"] == pytest.approx(0, abs=1e-9) and result["top1"] == 1.0
+    assert result["ppl"] == result["base_ppl"]
+
+
 def test_type_overrides_and_float_type(capsys, files, tmp_path):
     out = tmp_path / "o.gguf"
     assert main(["-q", "export", str(files["q"]), "--format", "gguf", "--out", str(out),

@@ -56,17 +56,22 @@ def llama_cpp():
 def build_bpe_tokenizer(pre: str = "gpt-2"):
     """Byte-level BPE: 256 byte tokens, a few merges, one special token (<|endoftext|>).
 
-    pre: 'gpt-2' (ByteLevel regex) or 'smollm' (digits split first, as SmolLM2's tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    pre: 'gpt-2' (ByteLevel regex), 'smollm' (digits split first, as SmolLM2's tokenizer) or
+    'llama-bpe' (Llama-3's split regex, whole-word vocabulary hits before merges)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for a, b in MERGES:
         vocab.setdefault(a + b, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    vocab.setdefault("Ġhats", len(vocab))  # no merge path: only ignore_merges finds it
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, ignore_merges=pre == "llama-bpe"))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.pre_tokenizer = byte_level if pre == "gpt-2" else pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    steps = {"gpt-2": [byte_level],
+             "smollm": [pre_tokenizers.Digits(individual_digits=True), byte_level],
+             "llama-bpe": [pre_tokenizers.Split(Regex(gguf_file._LLAMA3_REGEX), "isolated"),
+                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]}
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps[pre]) if pre != "gpt-2" else byte_level
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<|endoftext|>"])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
@@ -265,7 +270,7 @@ def test_negative_control_with_swapped_nibbles(llama_cpp, qdir, agreement, tmp_p
     assert bad["kl"] > 100 * agreement["kl"] and bad["top1"] < 0.9, (bad, agreement)
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe"])
 def test_base_gguf_and_converted_tokenizer_match_transformers(llama_cpp, tiny_llama, tmp_path,
                                                               pre):
     """write_base_gguf of an HF folder: llama.cpp tokenizes like the HF tokenizer, and its F32
@@ -291,6 +296,25 @@ def test_base_gguf_and_converted_tokenizer_match_transformers(llama_cpp, tiny_ll
         want = model(torch.tensor([ids])).logits[0]
     assert torch.allclose(logits, want, atol=1e-3), (logits - want).abs().max()
     llm.close()
+
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"model": {"type": "BPE", "byte_fallback": True}, "decoder": {"type": "Sequence"},
+      "pre_tokenizer": {"type": "Metaspace"}}, "only byte-level BPE"),  # SentencePiece style
+    ({"model": {"type": "Unigram"}, "decoder": {"type": "ByteLevel"}}, "only byte-level BPE"),
+    ({"model": {"type": "BPE", "ignore_merges": True}, "decoder": {"type": "ByteLevel"},
+      "pre_tokenizer": _BYTE_LEVEL}, "cannot name"),
+    ({"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"},
+      "pre_tokenizer": {**_BYTE_LEVEL, "add_prefix_space": True}}, "cannot name"),
+    ({"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}, "normalizer": {"type": "NFC"},
+      "pre_tokenizer": _BYTE_LEVEL}, "normalizer"),
+])
+def test_tokenizers_llamacpp_would_split_differently_are_refused(spec, needle):
+    with pytest.raises(GSQError, match=needle):
+        gguf_file.bpe_pre_name(spec)
 
 
 @pytest.mark.slow

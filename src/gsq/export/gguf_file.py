@@ -506,15 +506,18 @@ def bpe_pre_name(spec: dict) -> str:
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
+    # llama.cpp looks whole words up before merging for llama-bpe only (HF: ignore_merges)
+    ignore_merges = bool(model.get("ignore_merges"))
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and \
-            not steps[0].get("add_prefix_space"):
+            not steps[0].get("add_prefix_space") and not ignore_merges:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and \
-            steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
+            steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space") and \
+            not ignore_merges:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and \
             (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_REGEX and \
-            not steps[1].get("use_regex", True):
+            not steps[1].get("use_regex", True) and ignore_merges:
         return "llama-bpe"
     raise GSQError(f"cannot name this tokenizer's pre-tokenizer ({'+'.join(map(str, kinds))}) "
                    "for llama.cpp")
