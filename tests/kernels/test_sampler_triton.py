@@ -340,9 +340,8 @@ def test_kernels_compile_for_sm90():
     script = Path(__file__).with_name("compile_sm90.py")
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=300)
-    if res.returncode != 0 and ("ImportError" in res.stderr or "ptxas" in res.stderr.lower()
-                                and "not found" in res.stderr.lower()):
-        pytest.skip(f"no sm_90 toolchain in this triton: {res.stderr.strip()[-300:]}")
+    if res.returncode == 3 or "ImportError" in res.stderr:  # compile_sm90.API_MISMATCH
+        pytest.skip(f"this triton's compile API differs: {res.stderr.strip()[-300:]}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled ") == 8
 
