@@ -35,6 +35,7 @@ and micro-batch with fp32 logits). Only for a leaf `logits` used once per graph,
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -377,6 +378,11 @@ def _fast_log(t: Tensor) -> bool:
     return t.is_cuda and not INTERPRET and FAST_LOG_ENABLED
 
 
+def _on_device(t: Tensor):
+    """Launch on `t`'s GPU (triton launches on the current device), a no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _wide(k: int, n_w: int) -> bool:
     """int64 indices when the largest counter or logit offset does not fit int32."""
     return max(k, 4 * ((k + 3) // 4)) * n_w >= 2**31
@@ -435,8 +441,9 @@ def triton_uniform(shape: tuple[int, ...], seed: int, device: torch.device | str
     if out.numel() == 0:
         return out
     block = 1024
-    _uniform_kernel[(triton.cdiv(n_w, block),)](out, _check_seed(seed), n_w, K=k, BLOCK=block,
-                                                 WIDE=_wide(k, n_w))
+    with _on_device(out):
+        _uniform_kernel[(triton.cdiv(n_w, block),)](out, _check_seed(seed), n_w, K=k,
+                                                     BLOCK=block, WIDE=_wide(k, n_w))
     return out
 
 
@@ -504,12 +511,14 @@ def _launch_categorical(cfg, logits: Tensor, s_eff: Tensor, values: Tensor,
              float(kappa), 1.0 / float(tau))
     grid = _grid(rows, n_groups, block_r)
     if grad is None:
-        _categorical_fwd_kernel[grid](logits, s_eff, values, valid_arg, out, *shape, **common)
+        with _on_device(logits):
+            _categorical_fwd_kernel[grid](logits, s_eff, values, valid_arg, out, *shape, **common)
         return None
     grad_w, grad_l, accum = grad
     grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=logits.device)
-    _categorical_bwd_kernel[grid](logits, s_eff, values, valid_arg, grad_w, grad_l, grad_s,
-                                  *shape, float(kappa) / float(tau), ACCUM=accum, **common)
+    with _on_device(logits):
+        _categorical_bwd_kernel[grid](logits, s_eff, values, valid_arg, grad_w, grad_l, grad_s,
+                                      *shape, float(kappa) / float(tau), ACCUM=accum, **common)
     return grad_s
 
 
@@ -556,10 +565,12 @@ def _launch_ternary(cfg, logits: Tensor, s_eff: Tensor, out: Tensor | None = Non
              float(kappa), 1.0 / float(tau))
     grid = _grid(rows, n_groups, block_r)
     if grad is None:
-        _ternary_fwd_kernel[grid](logits, s_eff, out, *shape, **common)
+        with _on_device(logits):
+            _ternary_fwd_kernel[grid](logits, s_eff, out, *shape, **common)
         return None
     grad_w, grad_l, accum = grad
     grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=logits.device)
-    _ternary_bwd_kernel[grid](logits, s_eff, grad_w, grad_l, grad_s, *shape,
-                              float(kappa) / float(tau), ACCUM=accum, **common)
+    with _on_device(logits):
+        _ternary_bwd_kernel[grid](logits, s_eff, grad_w, grad_l, grad_s, *shape,
+                                  float(kappa) / float(tau), ACCUM=accum, **common)
     return grad_s
