@@ -292,8 +292,10 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
     got = kernels.categorical_sample(q.logits, q.scale, q.values, None, KAPPA, TAU, SEED, 32,
                                      BF16, torch.float32)
     assert torch.equal(ref, got)
+    assert not kernels.lion_uses_triton([q.logits, q.scale])  # CPU tensors: torch Lion
     monkeypatch.setenv("GSQ_FUSED", "0")
     assert not kernels.use_fused(q.logits.to(DEVICE))
+    assert not kernels.lion_uses_triton([q.logits.to(DEVICE)])
     assert kernels.triton_available()
 
 
