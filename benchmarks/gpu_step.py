@@ -500,10 +500,15 @@ def kernel_bench(shape: Shape, device, timer) -> dict:
     args = (values, None, KAPPA, TAU, 123, g, BF16, BF16)
     n = o * i
     fwd_bytes, bwd_bytes = n * (4 * k + 2), n * (4 * k + 2 + 4 * k * 2)  # bwd: accumulate
-    sweep, saved = [], (st.TILE_ELEMS, st.NUM_WARPS)
+    saved = (st.TILE_ELEMS, st.NUM_WARPS, st.PHILOX_ROUNDS, st.FAST_LOG_ENABLED)
+    sweep = []
     logits.grad = torch.zeros_like(logits)
-    for tile, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (256, 2)):
-        st.TILE_ELEMS, st.NUM_WARPS = tile, warps
+    # (tile, warps, Philox rounds, MUFU log): layouts, then two compute-sensitivity probes
+    configs = ((512, 4, 10, True), (1024, 4, 10, True), (1024, 8, 10, True), (2048, 8, 10, True),
+               (256, 2, 10, True), (512, 4, 7, True), (512, 4, 10, False))
+    for tile, warps, rounds, fast in configs:
+        st.TILE_ELEMS, st.NUM_WARPS, st.PHILOX_ROUNDS, st.FAST_LOG_ENABLED = (tile, warps, rounds,
+                                                                               fast)
         with torch.no_grad():
             f_ms = timer.ms(lambda: st.FusedCategoricalSample.apply(logits, scale, *args), 2, 10)
 
@@ -511,10 +516,11 @@ def kernel_bench(shape: Shape, device, timer) -> dict:
             st.FusedCategoricalSample.apply(logits, scale, *args, True).backward(G)
 
         fb_ms = timer.ms(fwd_bwd, 2, 10)
-        sweep.append({"tile": tile, "warps": warps, "fwd_ms": f_ms, "bwd_ms": fb_ms - f_ms,
+        sweep.append({"tile": tile, "warps": warps, "philox_rounds": rounds, "fast_log": fast,
+                      "fwd_ms": f_ms, "bwd_ms": fb_ms - f_ms,
                       "fwd_gbps": fwd_bytes / (f_ms * 1e-3) / 1e9,
                       "bwd_gbps": bwd_bytes / max(fb_ms - f_ms, 1e-6) * 1e3 / 1e9})
-    st.TILE_ELEMS, st.NUM_WARPS = saved
+    st.TILE_ELEMS, st.NUM_WARPS, st.PHILOX_ROUNDS, st.FAST_LOG_ENABLED = saved
     logits.grad = None
     with torch.no_grad():
         t_ms = timer.ms(lambda: sm.CategoricalSample.apply(logits, scale, *args), 1, 3)
@@ -703,7 +709,8 @@ def report(result: dict) -> None:
     k = result.get("kernels")
     if k and "sweep" in k:
         for s in k["sweep"]:
-            print(f"kernels tile {s['tile']} warps {s['warps']}: fwd {s['fwd_ms']:.2f} ms "
+            print(f"kernels tile {s['tile']} warps {s['warps']} rounds {s['philox_rounds']} "
+                  f"fast-log {s['fast_log']}: fwd {s['fwd_ms']:.2f} ms "
                   f"({s['fwd_gbps']:.0f} GB/s), bwd {s['bwd_ms']:.2f} ms "
                   f"({s['bwd_gbps']:.0f} GB/s)")
         print(f"same-noise check vs torch: {k['check']}")

@@ -35,7 +35,7 @@ def compile_kernel(fn, constexprs: dict, **types) -> None:
 
 
 def cases():
-    tile = dict(BLOCK_R=4, BLOCK_C=128, EVEN_C=True, N_CHUNKS=1, FAST_LOG=True)
+    tile = dict(BLOCK_R=4, BLOCK_C=128, EVEN_C=True, N_CHUNKS=1, FAST_LOG=True, N_ROUNDS=10)
     grid = dict(K=4, HAS_NOISE=True, HAS_VALID=False, PER_WEIGHT=False, WIDE=False, **tile)
     shift = dict(grid, K=5, HAS_VALID=True, PER_WEIGHT=True)
     yield st._categorical_fwd_kernel, grid, {}
@@ -49,7 +49,7 @@ def cases():
     tern = dict(HAS_NOISE=True, WIDE=False, **tile)
     yield st._ternary_fwd_kernel, tern, {}
     yield st._ternary_bwd_kernel, dict(tern, ACCUM=True), {}
-    yield st._uniform_kernel, dict(K=5, BLOCK=1024, WIDE=False), {"out_ptr": "*fp32"}
+    yield st._uniform_kernel, dict(K=5, BLOCK=1024, WIDE=False, N_ROUNDS=10), {"out_ptr": "*fp32"}
 
 
 API_MISMATCH = 3  # exit code: this triton's compile API differs (the test skips)

@@ -245,6 +245,19 @@ def test_int64_index_path(monkeypatch, same_noise):
         assert torch.equal(a, b)
 
 
+def test_philox_rounds_setting_is_consistent(monkeypatch, same_noise):
+    """GSQ_FUSED_PHILOX_ROUNDS changes the stream, for the kernels and triton_uniform alike."""
+    u10 = st.triton_uniform((4, OUT, IN), SEED, DEVICE)
+    monkeypatch.setattr(st, "PHILOX_ROUNDS", 7)
+    assert not torch.equal(u10, st.triton_uniform((4, OUT, IN), SEED, DEVICE))
+    q = _quantizer(2, 32)
+    R = _upstream()
+    W, gl, _ = _run(lambda q: _fused_soft(q, SEED, torch.float32), q, R)
+    W_ref, gl_ref, _ = _run(lambda q: _torch_soft(q, SEED, torch.float32), q, R)
+    _assert_rel(W, W_ref, RTOL_W, "forward")
+    _assert_rel(gl, gl_ref, RTOL_G, "logit gradient")
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeds, replay and fused accumulation
 

@@ -6,14 +6,14 @@ in-kernel and writes the soft weight in the model dtype; one backward kernel reg
 noise and writes the logit gradient and the per-group scale gradient in the same pass. Nothing of
 size `(K, out, in)` is kept between forward and backward.
 
-Noise (counter-based, §18.1 option B). Philox-4x32-10 (`tl.rand4x`) keyed by the 63-bit
-`noise_seed` (the full 64-bit Philox key: low and high words) with counter `j · N + r · in + c`
-for weight `(r, c)`, `N = out · in`, and block `j = k // 4`; output `k % 4` of that call is the
-uniform of candidate `k`. So one Philox call serves 4 candidates (2-bit grid: 1 call per weight,
-3/4-bit shift: 2, ternary: 1). Uniforms are clamped to [1e-7, 1 - 1e-7] like `noise.py`. The
-stream differs from the torch path's `torch.Generator` stream; runs reproduce per path.
-`triton_uniform` materialises exactly these uniforms, so the torch reference can be fed the same
-noise in tests.
+Noise (counter-based, §18.1 option B). Philox-4x32-10 (`tl.rand4x`; `PHILOX_ROUNDS`) keyed by
+the 63-bit `noise_seed` (the full 64-bit Philox key: low and high words) with counter
+`j · N + r · in + c` for weight `(r, c)`, `N = out · in`, and block `j = k // 4`; output `k % 4`
+of that call is the uniform of candidate `k`. So one Philox call serves 4 candidates (2-bit grid:
+1 call per weight, 3/4-bit shift: 2, ternary: 1). Uniforms are clamped to [1e-7, 1 - 1e-7] like
+`noise.py`. The stream differs from the torch path's `torch.Generator` stream; runs reproduce per
+path. `triton_uniform` materialises exactly these uniforms, so the torch reference can be fed the
+same noise in tests.
 
 Arithmetic. Compiled for sm_90, the 2-bit kernels take about 280 (forward) and 310 (backward)
 SASS instructions per weight, mostly Philox and logs: about 2 ms per pass over the 218M weights
@@ -56,6 +56,10 @@ MAX_BLOCK_C = 128
 # The interpreter (TRITON_INTERPRET=1, read by triton when the kernels are decorated) runs no PTX.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 FAST_LOG_ENABLED = os.environ.get("GSQ_FUSED_FAST_LOG", "1") != "0"
+# Philox rounds: 10 is tl.rand's default and Random123's recommendation (7 already passes
+# BigCrush, ~9% fewer instructions here). Part of the noise stream's identity: changing it changes
+# the noise, so keep it fixed within a run.
+PHILOX_ROUNDS = int(os.environ.get("GSQ_FUSED_PHILOX_ROUNDS", "10"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,9 +68,9 @@ FAST_LOG_ENABLED = os.environ.get("GSQ_FUSED_FAST_LOG", "1") != "0"
 
 
 @triton.jit
-def _uniform4(seed, counter):
-    """Four clamped fp32 uniforms per counter from one Philox-4x32-10 call."""
-    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+def _uniform4(seed, counter, N_ROUNDS: tl.constexpr):
+    """Four clamped fp32 uniforms per counter from one Philox-4x32 call (N_ROUNDS rounds)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, counter, N_ROUNDS)
     lo = 1e-7
     hi = 1.0 - 1e-7
     u0 = tl.minimum(tl.maximum(u0, lo), hi)
@@ -136,7 +140,8 @@ def _candidate(logits_ptr, values_ptr, valid_ptr, k, n_w, idx, mask, u, kappa, i
 @triton.jit
 def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
                       K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr,
-                      PER_WEIGHT: tl.constexpr, FAST_LOG: tl.constexpr):
+                      PER_WEIGHT: tl.constexpr, FAST_LOG: tl.constexpr,
+                      N_ROUNDS: tl.constexpr):
     """Probabilities p_0..p_4 (0 for k >= K), values v_0..v_4 and the soft code Σ p_k v_k."""
     u0 = tl.full(idx.shape, 0.5, tl.float32)
     u1 = u0
@@ -144,9 +149,9 @@ def _categorical_tile(logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, k
     u3 = u0
     u4 = u0
     if HAS_NOISE:
-        u0, u1, u2, u3 = _uniform4(seed, idx)
+        u0, u1, u2, u3 = _uniform4(seed, idx, N_ROUNDS)
         if K > 4:
-            u4, _, _, _ = _uniform4(seed, idx + n_w)
+            u4, _, _, _ = _uniform4(seed, idx + n_w, N_ROUNDS)
     z0, v0 = _candidate(logits_ptr, values_ptr, valid_ptr, 0, n_w, idx, mask, u0, kappa, inv_tau,
                         HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
     z1, v1 = _candidate(logits_ptr, values_ptr, valid_ptr, 1, n_w, idx, mask, u1, kappa, inv_tau,
@@ -201,12 +206,12 @@ def _store_grad(grad_ptr, k, n_w, idx, mask, g, ACCUM: tl.constexpr):
 
 @triton.jit
 def _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE: tl.constexpr,
-                  FAST_LOG: tl.constexpr):
+                  FAST_LOG: tl.constexpr, N_ROUNDS: tl.constexpr):
     """Mask m = σ((2κℓ_m + n_m)/τ) and sign b = 2σ((2κℓ_b + n_b)/τ) − 1, logistic noise."""
     zm = tl.load(logits_ptr + idx, mask=mask, other=0.0).to(tl.float32) * (2.0 * kappa)
     zb = tl.load(logits_ptr + n_w + idx, mask=mask, other=0.0).to(tl.float32) * (2.0 * kappa)
     if HAS_NOISE:
-        u0, u1, _, _ = _uniform4(seed, idx)
+        u0, u1, _, _ = _uniform4(seed, idx, N_ROUNDS)
         zm = zm + (_log_abs(u0, FAST_LOG) - _log_abs(1.0 - u0, FAST_LOG))
         zb = zb + (_log_abs(u1, FAST_LOG) - _log_abs(1.0 - u1, FAST_LOG))
     m = tl.fdiv(1.0, 1.0 + tl.exp(-(zm * inv_tau)), ieee_rounding=False)
@@ -221,7 +226,7 @@ def _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE: t
 
 @triton.jit(do_not_specialize=["seed"])
 def _uniform_kernel(out_ptr, seed, n_w, K: tl.constexpr, BLOCK: tl.constexpr,
-                    WIDE: tl.constexpr):
+                    WIDE: tl.constexpr, N_ROUNDS: tl.constexpr):
     """u[k, i] for i < N: exactly the uniforms the sampler kernels draw (see module doc)."""
     pid = tl.program_id(0)
     if WIDE:
@@ -231,7 +236,7 @@ def _uniform_kernel(out_ptr, seed, n_w, K: tl.constexpr, BLOCK: tl.constexpr,
         idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_w
     for j in tl.static_range((K + 3) // 4):
-        u0, u1, u2, u3 = _uniform4(seed, idx + j * n_w)
+        u0, u1, u2, u3 = _uniform4(seed, idx + j * n_w, N_ROUNDS)
         tl.store(out_ptr + (4 * j) * n_w + idx, u0, mask=mask)
         if 4 * j + 1 < K:
             tl.store(out_ptr + (4 * j + 1) * n_w + idx, u1, mask=mask)
@@ -247,7 +252,7 @@ def _categorical_fwd_kernel(
     seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
-    N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
+    N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
     """W[r, c] = s[r, c // g] · Σ_k p_k v_k for BLOCK_R rows of scale group `program_id(1)`."""
     pid_r = tl.program_id(0)
@@ -262,7 +267,7 @@ def _categorical_fwd_kernel(
                                 WIDE, EVEN_C)
         p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
             logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
-            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
+            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG, N_ROUNDS)
         w = s[:, None] * code
         tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -274,6 +279,7 @@ def _categorical_bwd_kernel(
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
     ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
     EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
 ):
     """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise)."""
     pid_r = tl.program_id(0)
@@ -290,7 +296,7 @@ def _categorical_bwd_kernel(
                                 WIDE, EVEN_C)
         p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
             logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
-            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG)
+            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG, N_ROUNDS)
         g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         acc += tl.where(mask, g * code, 0.0)
         hk = g * s[:, None] * k_over_t
@@ -311,6 +317,7 @@ def _ternary_fwd_kernel(
     inv_tau,
     HAS_NOISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
     EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
 ):
     """W = s · m · b for BLOCK_R rows of scale group `program_id(1)`."""
     pid_r = tl.program_id(0)
@@ -324,7 +331,7 @@ def _ternary_fwd_kernel(
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
         m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
-                             FAST_LOG)
+                             FAST_LOG, N_ROUNDS)
         w = s[:, None] * m * b
         tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -335,7 +342,7 @@ def _ternary_bwd_kernel(
     n_groups, kappa, inv_tau, k_over_t,
     HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
-    N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
+    N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
     """∂ℓ_m = h·b·m(1−m)·2κ/τ, ∂ℓ_b = h·m·(1+b)(1−b)·κ/τ, ∂s = Σ_group G·m·b; h = G·s."""
     pid_r = tl.program_id(0)
@@ -351,7 +358,7 @@ def _ternary_bwd_kernel(
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
         m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
-                             FAST_LOG)
+                             FAST_LOG, N_ROUNDS)
         g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         acc += tl.where(mask, g * m * b, 0.0)
         hk = g * s[:, None] * k_over_t
@@ -445,7 +452,8 @@ def triton_uniform(shape: tuple[int, ...], seed: int, device: torch.device | str
     block = 1024
     with _on_device(out):
         _uniform_kernel[(triton.cdiv(n_w, block),)](out, _check_seed(seed), n_w, K=k,
-                                                     BLOCK=block, WIDE=_wide(k, n_w))
+                                                     BLOCK=block, WIDE=_wide(k, n_w),
+                                                     N_ROUNDS=PHILOX_ROUNDS)
     return out
 
 
@@ -507,6 +515,7 @@ def _launch_categorical(cfg, logits: Tensor, s_eff: Tensor, values: Tensor,
                   PER_WEIGHT=per_weight, BLOCK_R=block_r, BLOCK_C=block_c,
                   WIDE=_wide(k, rows * cols), EVEN_C=group_size % block_c == 0,
                   N_CHUNKS=triton.cdiv(group_size, block_c), FAST_LOG=_fast_log(logits),
+                  N_ROUNDS=PHILOX_ROUNDS,
                   num_warps=NUM_WARPS)
     valid_arg = valid_u8 if valid_u8 is not None else logits  # never read without HAS_VALID
     shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
@@ -562,6 +571,7 @@ def _launch_ternary(cfg, logits: Tensor, s_eff: Tensor, out: Tensor | None = Non
     common = dict(HAS_NOISE=noise_seed is not None, BLOCK_R=block_r, BLOCK_C=block_c,
                   WIDE=_wide(2, rows * cols), EVEN_C=group_size % block_c == 0,
                   N_CHUNKS=triton.cdiv(group_size, block_c), FAST_LOG=_fast_log(logits),
+                  N_ROUNDS=PHILOX_ROUNDS,
                   num_warps=NUM_WARPS)
     shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
              float(kappa), 1.0 / float(tau))
