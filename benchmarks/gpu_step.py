@@ -14,8 +14,10 @@ Rows (`--modes`, default all that apply to the device):
   torch-ternary  same, ternary (2 logits)
   fused-2bit     Triton sampler, autograd accumulates the logit gradient, Triton Lion
   fused-2bit-acc Triton sampler adding the logit gradient into .grad in-kernel (accumulate_grad)
-  fused-2bit-bf16 as fused-2bit-acc with bf16 logits (the spec's bf16 option)
-  fused-3bit-acc, fused-3bit-mask-acc, fused-ternary-acc
+  fused-2bit-defer8 Triton sampler with DeferredGrads(8): one backward pass over the logits per
+                 8 micro-steps (the micro-steps only copy their weight gradient)
+  fused-2bit-bf16 as fused-2bit-acc with bf16 logits (the spec's bf16 option); -defer8 likewise
+  fused-3bit-acc, fused-3bit-defer8, fused-3bit-mask-acc, fused-ternary-acc
 Also measured in the same run: a GEMM ceiling (bf16 matmul TFLOP/s of each linear at batch x
 seq tokens, and the GEMM-only time of the 7 linears' forward + backward), a copy ceiling (GB/s of
 a 2 GiB device copy, read + write), the fused kernels alone on the gate_proj shape (ms, GB/s,
@@ -73,9 +75,9 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ATTN, MLP = LINEARS[:4], LINEARS[4:]
 TAU, KAPPA = 1.0, 300.0  # mid-schedule values; timing does not depend on them
 # Modes sharing quantizers (same bits, edge and logit dtype) are adjacent: they reuse them.
-ALL_MODES = ("plain", "torch-2bit", "fused-2bit", "fused-2bit-acc", "fused-2bit-bf16",
-             "torch-3bit", "fused-3bit-acc", "fused-3bit-mask-acc", "torch-ternary",
-             "fused-ternary-acc")
+ALL_MODES = ("plain", "torch-2bit", "fused-2bit", "fused-2bit-acc", "fused-2bit-defer8",
+             "fused-2bit-bf16", "fused-2bit-bf16-defer8", "torch-3bit", "fused-3bit-acc",
+             "fused-3bit-defer8", "fused-3bit-mask-acc", "torch-ternary", "fused-ternary-acc")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ class Shape:
 
 # With TRITON_INTERPRET=1 a --dry-run on CPU also runs the fused modes (through the interpreter).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+PROJECTED = ("torch-2bit", "fused-2bit-acc", "fused-2bit-defer8", "fused-2bit-bf16",
+             "fused-2bit-bf16-defer8")
 TINY = Shape(hidden=64, ffn=128, heads=4, kv_heads=2, batch=1, seq=32, group_size=32)
 
 
@@ -240,8 +244,8 @@ def build_quantizers(weights, names, bits, edge: str, logits_dtype, group_size: 
     return out
 
 
-def soft_weight(q: LogitQuantizer, seed: int, impl: str) -> torch.Tensor:
-    """One soft weight in bf16: `impl` = torch | fused | fused-acc."""
+def soft_weight(q: LogitQuantizer, seed: int, impl) -> torch.Tensor:
+    """One soft weight in bf16: `impl` = "torch" | "fused" | "fused-acc" | a DeferredGrads."""
     g = q.spec.group_size
     if impl == "torch":  # explicitly the torch path, whatever q.soft dispatches to
         from gsq.quant.sampler import CategoricalSample, TernarySample
@@ -252,7 +256,7 @@ def soft_weight(q: LogitQuantizer, seed: int, impl: str) -> torch.Tensor:
                                        KAPPA, TAU, seed, g, q.scale_dtype, BF16)
     from gsq.kernels.sampler_triton import FusedCategoricalSample, FusedTernarySample
 
-    acc = impl == "fused-acc"
+    acc = impl == "fused-acc" if isinstance(impl, str) else impl  # a DeferredGrads
     if q.spec.is_ternary:
         return FusedTernarySample.apply(q.logits, q.scale, KAPPA, TAU, seed, g, q.scale_dtype,
                                         BF16, acc)
@@ -364,13 +368,18 @@ class QuadraticStep:
 
 
 def parse_mode(mode: str) -> dict:
-    """'fused-3bit-mask-acc' -> impl fused-acc, bits 3, edge mask, logits fp32."""
+    """'fused-3bit-mask-acc' -> impl fused-acc, bits 3, edge mask, logits fp32;
+    '...-defer8' -> impl fused-defer, defer 8."""
     parts = mode.split("-")
-    impl = parts[0]
+    impl, defer = parts[0], 0
     if "acc" in parts or "bf16" in parts:
         impl = "fused-acc"
+    for part in parts:
+        if part.startswith("defer"):
+            impl, defer = "fused-defer", int(part[5:])
     bits = {"2bit": 2, "3bit": 3, "ternary": "ternary"}[parts[1]]
-    return {"impl": impl, "bits": bits, "edge": "mask" if "mask" in parts else "clip",
+    return {"impl": impl, "defer": defer, "bits": bits,
+            "edge": "mask" if "mask" in parts else "clip",
             "logits_dtype": BF16 if "bf16" in parts else torch.float32}
 
 
@@ -389,18 +398,40 @@ def run_quantized(ctx, timer, args, mode: str, projection: bool) -> dict:
     fused = m["impl"] != "torch"
     qs = cached_quantizers(ctx, m)
     opt, lion = lion_for(quantizer_groups(qs), use_triton=fused)
+    impl = m["impl"]
+    if impl == "fused-defer":
+        from gsq.kernels.sampler_triton import DeferredGrads
+
+        impl = DeferredGrads(m["defer"])
+    try:
+        return _time_quantized(ctx, timer, args, qs, opt, lion, impl, fused, projection)
+    finally:
+        if not isinstance(impl, str):
+            impl.close()
+
+
+def _window(args, impl) -> tuple[int, int]:
+    """(warmup, iters): with DeferredGrads(n), whole batches of n so that the timed window holds
+    exactly iters / n flushes (the pending ones are flushed first)."""
+    if isinstance(impl, str):
+        return args.warmup, args.iters
+    impl.flush()
+    n = impl.n
+    return n * math.ceil(args.warmup / n), n * math.ceil(args.iters / n)
+
+
+def _time_quantized(ctx, timer, args, qs, opt, lion, impl, fused, projection) -> dict:
     step = Step("all7", ctx["shape"], ctx["weights"], ctx["rope"], ctx["x"], ctx["target"], qs,
-                m["impl"])
-    micro = timer.ms(step, args.warmup, args.iters)
+                impl)
+    micro = timer.ms(step, *_window(args, impl))
     opt_ms = timer.ms(opt.step, 1, 3)
     # peak of the all-7 step itself (the staged timings below hold a second optimiser)
     row = {"micro_ms": micro, "opt_ms": opt_ms, "optimizer": lion,
            "peak_gib": peak_gib(ctx["device"])}
     if projection:
         opt.zero_grad(set_to_none=True)
-        row["stages"] = stage_times(ctx, timer, args, qs, m["impl"], fused)
+        row["stages"] = stage_times(ctx, timer, args, qs, impl, fused)
     opt.zero_grad(set_to_none=True)
-    del step, opt, qs
     return row
 
 
@@ -429,7 +460,7 @@ def stage_times(ctx, timer, args, qs, impl, fused) -> dict:
         target = ctx["target_attn"] if kind == "vo" else ctx["target"]
         step = Step(kind, ctx["shape"], ctx["weights"], ctx["rope"], ctx["x"], target, sub, impl)
         opt, _ = lion_for(quantizer_groups(sub), use_triton=fused)
-        out[f"t_{kind}"] = timer.ms(step, args.warmup, args.iters)
+        out[f"t_{kind}"] = timer.ms(step, *_window(args, impl))
         out[f"o_{kind}"] = timer.ms(opt.step, 1, 3)
         opt.zero_grad(set_to_none=True)
     for name in ("q_proj", "k_proj"):
@@ -637,8 +668,7 @@ def run_mode(name, ctx, timer, args) -> dict:
         if name == "plain":
             row = run_plain(ctx, timer, args)
         else:
-            projection = not args.no_projection and name in ("torch-2bit", "fused-2bit-acc",
-                                                                "fused-2bit-bf16")
+            projection = not args.no_projection and name in PROJECTED
             row = run_quantized(ctx, timer, args, name, projection)
     except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 UNIFORM_EPS = 1e-7  # same clamp as gsq.quant.noise.UNIFORM_EPS
 MAX_SEED = 1 << 63
@@ -272,16 +274,29 @@ def _categorical_fwd_kernel(
         tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _batch_seed(seed, seeds_ptr, j, BATCHED: tl.constexpr):
+    """Noise seed of batch entry j: the scalar `seed`, or seeds[j] for a deferred batch."""
+    if BATCHED:  # noqa: SIM108 - a constexpr branch, not a value choice
+        sj = tl.load(seeds_ptr + j)
+    else:
+        sj = seed
+    return sj
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _categorical_bwd_kernel(
-    logits_ptr, scale_ptr, values_ptr, valid_ptr, gw_ptr, gl_ptr, gs_ptr,
-    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau, k_over_t,
+    logits_ptr, scale_ptr, values_ptr, valid_ptr, gw_ptr, gl_ptr, gs_ptr, seeds_ptr,
+    seed, n_batch, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau, k_over_t,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
-    ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
-    EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
+    ACCUM: tl.constexpr, BATCHED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WIDE: tl.constexpr, EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
     N_ROUNDS: tl.constexpr,
 ):
-    """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise)."""
+    """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise).
+
+    Summed over `n_batch` (G_j, seed_j) pairs (G `(n_batch, out, in)`; BATCHED: seeds from
+    `seeds_ptr`, else the one `seed`) in registers, then one write (or add, ACCUM) of ∂ℓ."""
     pid_r = tl.program_id(0)
     gid = tl.program_id(1)
     if WIDE:
@@ -294,20 +309,35 @@ def _categorical_bwd_kernel(
         c0 = ci * BLOCK_C
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
-        p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
-            logits_ptr, values_ptr, valid_ptr, seed, n_w, idx, mask, kappa, inv_tau,
-            K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG, N_ROUNDS)
-        g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(mask, g * code, 0.0)
-        hk = g * s[:, None] * k_over_t
-        _store_grad(gl_ptr, 0, n_w, idx, mask, hk * p0 * (v0 - code), ACCUM)
-        _store_grad(gl_ptr, 1, n_w, idx, mask, hk * p1 * (v1 - code), ACCUM)
+        gl0 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        gl1 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        gl2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        gl3 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        gl4 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for j in range(n_batch):
+            sj = _batch_seed(seed, seeds_ptr, j, BATCHED)
+            p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
+                logits_ptr, values_ptr, valid_ptr, sj, n_w, idx, mask, kappa, inv_tau,
+                K, HAS_NOISE, HAS_VALID, PER_WEIGHT, FAST_LOG, N_ROUNDS)
+            g = tl.load(gw_ptr + j * n_w + idx, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, g * code, 0.0)
+            hk = g * s[:, None] * k_over_t
+            gl0 += hk * p0 * (v0 - code)
+            gl1 += hk * p1 * (v1 - code)
+            if K > 2:
+                gl2 += hk * p2 * (v2 - code)
+            if K > 3:
+                gl3 += hk * p3 * (v3 - code)
+            if K > 4:
+                gl4 += hk * p4 * (v4 - code)
+        _store_grad(gl_ptr, 0, n_w, idx, mask, gl0, ACCUM)
+        _store_grad(gl_ptr, 1, n_w, idx, mask, gl1, ACCUM)
         if K > 2:
-            _store_grad(gl_ptr, 2, n_w, idx, mask, hk * p2 * (v2 - code), ACCUM)
+            _store_grad(gl_ptr, 2, n_w, idx, mask, gl2, ACCUM)
         if K > 3:
-            _store_grad(gl_ptr, 3, n_w, idx, mask, hk * p3 * (v3 - code), ACCUM)
+            _store_grad(gl_ptr, 3, n_w, idx, mask, gl3, ACCUM)
         if K > 4:
-            _store_grad(gl_ptr, 4, n_w, idx, mask, hk * p4 * (v4 - code), ACCUM)
+            _store_grad(gl_ptr, 4, n_w, idx, mask, gl4, ACCUM)
     tl.store(gs_ptr + rows1 * n_groups + gid, tl.sum(acc, axis=1), mask=rmask)
 
 
@@ -338,13 +368,14 @@ def _ternary_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _ternary_bwd_kernel(
-    logits_ptr, scale_ptr, gw_ptr, gl_ptr, gs_ptr, seed, n_rows, n_cols, n_w, group_size,
-    n_groups, kappa, inv_tau, k_over_t,
-    HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr,
+    logits_ptr, scale_ptr, gw_ptr, gl_ptr, gs_ptr, seeds_ptr, seed, n_batch, n_rows, n_cols, n_w,
+    group_size, n_groups, kappa, inv_tau, k_over_t,
+    HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
     N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
-    """∂ℓ_m = h·b·m(1−m)·2κ/τ, ∂ℓ_b = h·m·(1+b)(1−b)·κ/τ, ∂s = Σ_group G·m·b; h = G·s."""
+    """∂ℓ_m = h·b·m(1−m)·2κ/τ, ∂ℓ_b = h·m·(1+b)(1−b)·κ/τ, ∂s = Σ_group G·m·b; h = G·s
+    (summed over a batch like `_categorical_bwd_kernel`)."""
     pid_r = tl.program_id(0)
     gid = tl.program_id(1)
     if WIDE:
@@ -357,13 +388,19 @@ def _ternary_bwd_kernel(
         c0 = ci * BLOCK_C
         idx, mask = _tile_index(pid_r, gid, c0, n_rows, n_cols, group_size, BLOCK_R, BLOCK_C,
                                 WIDE, EVEN_C)
-        m, b = _ternary_tile(logits_ptr, seed, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
-                             FAST_LOG, N_ROUNDS)
-        g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(mask, g * m * b, 0.0)
-        hk = g * s[:, None] * k_over_t
-        _store_grad(gl_ptr, 0, n_w, idx, mask, hk * b * m * (1.0 - m) * 2.0, ACCUM)
-        _store_grad(gl_ptr, 1, n_w, idx, mask, hk * m * (1.0 + b) * (1.0 - b), ACCUM)
+        gm = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        gb = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for j in range(n_batch):
+            sj = _batch_seed(seed, seeds_ptr, j, BATCHED)
+            m, b = _ternary_tile(logits_ptr, sj, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
+                                 FAST_LOG, N_ROUNDS)
+            g = tl.load(gw_ptr + j * n_w + idx, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, g * m * b, 0.0)
+            hk = g * s[:, None] * k_over_t
+            gm += hk * b * m * (1.0 - m) * 2.0
+            gb += hk * m * (1.0 + b) * (1.0 - b)
+        _store_grad(gl_ptr, 0, n_w, idx, mask, gm, ACCUM)
+        _store_grad(gl_ptr, 1, n_w, idx, mask, gb, ACCUM)
     tl.store(gs_ptr + rows1 * n_groups + gid, tl.sum(acc, axis=1), mask=rmask)
 
 
@@ -470,119 +507,258 @@ def _prepare_grad_target(logits: Tensor, accumulate: bool) -> tuple[Tensor, bool
     return torch.empty_like(logits, memory_format=torch.contiguous_format), False, False
 
 
+class _Call(NamedTuple):
+    """What the kernels need of one sampler call (tensors detached and contiguous)."""
+
+    kind: str  # "categorical" | "ternary"
+    logits: Tensor  # (K, out, in)
+    s_eff: Tensor  # (out, n_groups) fp32: the forward's (storage-rounded) scale
+    values: Tensor | None  # (K,) shared or (K, out, in) per weight; None for ternary
+    valid_u8: Tensor | None  # (K, out, in) uint8 or None
+    per_weight: bool
+    kappa: float
+    tau: float
+    noise_seed: int | None
+    group_size: int
+    scale_dtype: torch.dtype  # dtype of the scale parameter, and of its gradient
+
+    def batchable_with(self, other: _Call) -> bool:
+        """Same sampler, settings and tensors except the noise seed: one deferred batch."""
+        same = (self.kind, self.kappa, self.tau, self.noise_seed is None, self.group_size,
+                self.logits.data_ptr(), self.s_eff.shape)
+        return same == (other.kind, other.kappa, other.tau, other.noise_seed is None,
+                        other.group_size, other.logits.data_ptr(), other.s_eff.shape)
+
+
+class _Grad(NamedTuple):
+    """A backward launch: G `(n_batch, out, in)`, the ∂ℓ buffer and whether to add into it."""
+
+    grad_w: Tensor
+    grad_l: Tensor
+    accum: bool
+    seeds: Tensor | None = None  # (n_batch,) int64 on the device: a deferred batch
+    n_batch: int = 1
+
+
+def _launch(call: _Call, out: Tensor | None = None, grad: _Grad | None = None) -> Tensor | None:
+    """Forward kernel into `out`, or with `grad` the backward kernel; returns the fp32 scale
+    gradient `(out, n_groups)` of the backward."""
+    k, rows, cols = call.logits.shape
+    n_groups = cols // call.group_size
+    block_r, block_c = _blocks(call.group_size)
+    n_batch = 1 if grad is None else grad.n_batch
+    common = dict(HAS_NOISE=call.noise_seed is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                  WIDE=_wide(max(k, n_batch), rows * cols), EVEN_C=call.group_size % block_c == 0,
+                  N_CHUNKS=triton.cdiv(call.group_size, block_c), FAST_LOG=_fast_log(call.logits),
+                  N_ROUNDS=PHILOX_ROUNDS, num_warps=NUM_WARPS)
+    seed = _check_seed(call.noise_seed)
+    dims = (rows, cols, rows * cols, call.group_size, n_groups, float(call.kappa),
+            1.0 / float(call.tau))
+    grid = _grid(rows, n_groups, block_r)
+    lead = (call.logits, call.s_eff)
+    if call.kind == "categorical":
+        valid = call.valid_u8 if call.valid_u8 is not None else call.logits  # unread if None
+        lead = (*lead, call.values, valid)
+        common.update(K=k, HAS_VALID=call.valid_u8 is not None, PER_WEIGHT=call.per_weight)
+        fwd, bwd = _categorical_fwd_kernel, _categorical_bwd_kernel
+    else:
+        fwd, bwd = _ternary_fwd_kernel, _ternary_bwd_kernel
+    with _on_device(call.logits):
+        if grad is None:
+            fwd[grid](*lead, out, seed, *dims, **common)
+            return None
+        grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=call.logits.device)
+        seeds = grad.seeds if grad.seeds is not None else call.logits  # unread unless BATCHED
+        bwd[grid](*lead, grad.grad_w, grad.grad_l, grad_s, seeds, seed, n_batch, *dims,
+                  float(call.kappa) / float(call.tau), ACCUM=grad.accum,
+                  BATCHED=grad.seeds is not None, **common)
+    return grad_s
+
+
+def _backward(ctx, grad_w: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(∂ℓ or None, ∂s or None) of one call: immediate, accumulated into .grad, or deferred."""
+    call, logits_param = ctx.call, ctx.logits_ref
+    if isinstance(ctx.accumulate, DeferredGrads):
+        ctx.accumulate.add(call, logits_param, ctx.scale_ref, grad_w.contiguous())
+        return None, None
+    grad_l, accum, in_place = _prepare_grad_target(logits_param, ctx.accumulate is True)
+    grad_s = _launch(call, grad=_Grad(grad_w.contiguous(), grad_l, accum))
+    return (None if in_place else grad_l), grad_s.to(call.scale_dtype)
+
+
+def _resolve_accumulate(accumulate, logits: Tensor, scale: Tensor):
+    """The accumulation mode of a call: False, True or a DeferredGrads (True becomes the
+    process-wide one when GSQ_FUSED_DEFER > 1); deferral needs leaf parameters."""
+    if accumulate is True and DEFER_N > 1:
+        accumulate = default_deferred()
+    leaf = logits.is_leaf and logits.requires_grad
+    if isinstance(accumulate, DeferredGrads):
+        return accumulate if leaf and scale.is_leaf else False
+    return bool(accumulate) and leaf
+
+
 class FusedCategoricalSample(torch.autograd.Function):
     """Fused W_soft = s · Σ_k p_k v_k; logits `(K, out, in)` with K in 2..5, scale `(out, in/g)`,
-    values `(K, out|1, in|1)` (any dtype), valid `(K, out, in)` bool or None."""
+    values `(K, out|1, in|1)` (any dtype), valid `(K, out, in)` bool or None.
+
+    `accumulate_grad`: False (return ∂ℓ), True (add ∂ℓ into logits.grad in-kernel) or a
+    `DeferredGrads` (batch the gradients of several micro-steps; see the module doc)."""
 
     @staticmethod
     def forward(ctx, logits, scale, values, valid, kappa, tau, noise_seed, group_size, scale_dtype,
                 out_dtype, accumulate_grad=False):  # noqa: D102
-        k, rows, cols, n_groups = _geometry(logits, scale, group_size)
+        k, rows, cols, _ = _geometry(logits, scale, group_size)
         if not 2 <= k <= MAX_CANDIDATES:
             raise ValueError(f"fused categorical sampler supports 2..5 candidates; got {k}")
-        logits_c = logits.detach().contiguous()
         values_a, per_weight = _values_arg(values, k, rows, cols)
         valid_u8 = None if valid is None else valid.detach().contiguous().view(torch.uint8)
-        s_eff = _effective_scale(scale, scale_dtype)
+        call = _Call("categorical", logits.detach().contiguous(),
+                     _effective_scale(scale, scale_dtype), values_a, valid_u8, per_weight,
+                     kappa, tau, noise_seed, group_size, scale.dtype)
         out = torch.empty((rows, cols), dtype=out_dtype, device=logits.device)
-        ctx.cfg = (kappa, tau, noise_seed, group_size, scale.dtype, per_weight)
-        _launch_categorical(ctx.cfg, logits_c, s_eff, values_a, valid_u8, out=out)
-        ctx.save_for_backward(logits_c, s_eff, values_a, valid_u8)
-        ctx.logits_ref = logits if accumulate_grad else None
+        _launch(call, out=out)
+        ctx.call, ctx.logits_ref, ctx.scale_ref = call, logits, scale
+        ctx.accumulate = _resolve_accumulate(accumulate_grad, logits, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_w):  # noqa: D102
-        logits, s_eff, values_a, valid_u8 = ctx.saved_tensors
-        target = ctx.logits_ref if ctx.logits_ref is not None else logits
-        grad_l, accum, in_place = _prepare_grad_target(target, ctx.logits_ref is not None)
-        grad_s = _launch_categorical(ctx.cfg, logits, s_eff, values_a, valid_u8,
-                                     grad=(grad_w.contiguous(), grad_l, accum))
-        return (None if in_place else grad_l, grad_s.to(ctx.cfg[4]),
-                None, None, None, None, None, None, None, None, None)
-
-
-def _launch_categorical(cfg, logits: Tensor, s_eff: Tensor, values: Tensor,
-                        valid_u8: Tensor | None, out: Tensor | None = None,
-                        grad: tuple[Tensor, Tensor, bool] | None = None) -> Tensor | None:
-    """Run the forward kernel (into `out`) or, with `grad = (G, ∂ℓ buffer, accumulate?)`, the
-    backward kernel; returns the fp32 scale gradient `(out, n_groups)` for the backward."""
-    kappa, tau, noise_seed, group_size, _, per_weight = cfg
-    k, rows, cols = logits.shape
-    n_groups = cols // group_size
-    block_r, block_c = _blocks(group_size)
-    common = dict(K=k, HAS_NOISE=noise_seed is not None, HAS_VALID=valid_u8 is not None,
-                  PER_WEIGHT=per_weight, BLOCK_R=block_r, BLOCK_C=block_c,
-                  WIDE=_wide(k, rows * cols), EVEN_C=group_size % block_c == 0,
-                  N_CHUNKS=triton.cdiv(group_size, block_c), FAST_LOG=_fast_log(logits),
-                  N_ROUNDS=PHILOX_ROUNDS,
-                  num_warps=NUM_WARPS)
-    valid_arg = valid_u8 if valid_u8 is not None else logits  # never read without HAS_VALID
-    shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
-             float(kappa), 1.0 / float(tau))
-    grid = _grid(rows, n_groups, block_r)
-    if grad is None:
-        with _on_device(logits):
-            _categorical_fwd_kernel[grid](logits, s_eff, values, valid_arg, out, *shape, **common)
-        return None
-    grad_w, grad_l, accum = grad
-    grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=logits.device)
-    with _on_device(logits):
-        _categorical_bwd_kernel[grid](logits, s_eff, values, valid_arg, grad_w, grad_l, grad_s,
-                                      *shape, float(kappa) / float(tau), ACCUM=accum, **common)
-    return grad_s
+        grad_l, grad_s = _backward(ctx, grad_w)
+        return (grad_l, grad_s, None, None, None, None, None, None, None, None, None)
 
 
 class FusedTernarySample(torch.autograd.Function):
-    """Fused W_soft = s · m · b with mask and sign logits `(2, out, in)`."""
+    """Fused W_soft = s · m · b with mask and sign logits `(2, out, in)` (`accumulate_grad` as
+    in `FusedCategoricalSample`)."""
 
     @staticmethod
     def forward(ctx, logits, scale, kappa, tau, noise_seed, group_size, scale_dtype, out_dtype,
                 accumulate_grad=False):  # noqa: D102
-        k, rows, cols, n_groups = _geometry(logits, scale, group_size)
+        k, rows, cols, _ = _geometry(logits, scale, group_size)
         if k != 2:
             raise ValueError(f"ternary logits must be (2, out, in); got {tuple(logits.shape)}")
-        logits_c = logits.detach().contiguous()
-        s_eff = _effective_scale(scale, scale_dtype)
+        call = _Call("ternary", logits.detach().contiguous(), _effective_scale(scale, scale_dtype),
+                     None, None, False, kappa, tau, noise_seed, group_size, scale.dtype)
         out = torch.empty((rows, cols), dtype=out_dtype, device=logits.device)
-        ctx.cfg = (kappa, tau, noise_seed, group_size, scale.dtype)
-        _launch_ternary(ctx.cfg, logits_c, s_eff, out=out)
-        ctx.save_for_backward(logits_c, s_eff)
-        ctx.logits_ref = logits if accumulate_grad else None
+        _launch(call, out=out)
+        ctx.call, ctx.logits_ref, ctx.scale_ref = call, logits, scale
+        ctx.accumulate = _resolve_accumulate(accumulate_grad, logits, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_w):  # noqa: D102
-        logits, s_eff = ctx.saved_tensors
-        target = ctx.logits_ref if ctx.logits_ref is not None else logits
-        grad_l, accum, in_place = _prepare_grad_target(target, ctx.logits_ref is not None)
-        grad_s = _launch_ternary(ctx.cfg, logits, s_eff, grad=(grad_w.contiguous(), grad_l, accum))
-        return (None if in_place else grad_l, grad_s.to(ctx.cfg[4]),
-                None, None, None, None, None, None, None)
+        grad_l, grad_s = _backward(ctx, grad_w)
+        return (grad_l, grad_s, None, None, None, None, None, None, None)
 
 
-def _launch_ternary(cfg, logits: Tensor, s_eff: Tensor, out: Tensor | None = None,
-                    grad: tuple[Tensor, Tensor, bool] | None = None) -> Tensor | None:
-    """Ternary counterpart of `_launch_categorical`."""
-    kappa, tau, noise_seed, group_size, _ = cfg
-    _, rows, cols = logits.shape
-    n_groups = cols // group_size
-    block_r, block_c = _blocks(group_size)
-    common = dict(HAS_NOISE=noise_seed is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-                  WIDE=_wide(2, rows * cols), EVEN_C=group_size % block_c == 0,
-                  N_CHUNKS=triton.cdiv(group_size, block_c), FAST_LOG=_fast_log(logits),
-                  N_ROUNDS=PHILOX_ROUNDS,
-                  num_warps=NUM_WARPS)
-    shape = (_check_seed(noise_seed), rows, cols, rows * cols, group_size, n_groups,
-             float(kappa), 1.0 / float(tau))
-    grid = _grid(rows, n_groups, block_r)
-    if grad is None:
-        with _on_device(logits):
-            _ternary_fwd_kernel[grid](logits, s_eff, out, *shape, **common)
-        return None
-    grad_w, grad_l, accum = grad
-    grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=logits.device)
-    with _on_device(logits):
-        _ternary_bwd_kernel[grid](logits, s_eff, grad_w, grad_l, grad_s, *shape,
-                                  float(kappa) / float(tau), ACCUM=accum, **common)
-    return grad_s
+# --------------------------------------------------------------------------------------------
+# Deferred (batched) gradients
+# --------------------------------------------------------------------------------------------
+
+
+class _Batch:
+    """Pending micro-steps of one quantizer: its call, G copies `(n, out, in)` and seeds."""
+
+    def __init__(self, call: _Call, logits: Tensor, scale: Tensor, grad_w: Tensor, n: int):
+        self.call, self.logits, self.scale = call, logits, scale
+        self.grads = torch.empty((n, *grad_w.shape), dtype=grad_w.dtype, device=grad_w.device)
+        self.seeds: list[int] = []
+        self.count = 0
+
+    def add(self, call: _Call, grad_w: Tensor) -> None:
+        self.grads[self.count].copy_(grad_w)
+        self.seeds.append(_check_seed(call.noise_seed))
+        self.count += 1
+
+    def flush(self) -> None:
+        """One backward pass over the logits for all pending micro-steps; adds into .grad."""
+        device = self.grads.device
+        seeds = torch.tensor(self.seeds, dtype=torch.int64)
+        seeds = seeds.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
+            else seeds.to(device)
+        grad_l, accum, in_place = _prepare_grad_target(self.logits, True)
+        grad_s = _launch(self.call, grad=_Grad(self.grads[: self.count], grad_l, accum, seeds,
+                                               self.count))
+        if not in_place:  # an existing .grad the kernel cannot write into
+            self.logits.grad = self.logits.grad + grad_l
+        if self.scale.requires_grad:
+            grad_s = grad_s.to(self.call.scale_dtype)
+            if self.scale.grad is None:
+                self.scale.grad = grad_s
+            else:
+                self.scale.grad += grad_s
+
+
+class DeferredGrads:
+    """Batch the logit and scale gradients of up to `n` micro-steps per quantizer into one
+    backward pass (pass it as `accumulate_grad`).
+
+    The backward of a micro-step only copies its G `(out, in)` into a per-quantizer buffer
+    `(n, out, in)` (2 + 2 bytes per weight in bf16) and returns no gradient; every `n`
+    micro-steps one kernel regenerates each micro-step's noise, sums the gradients in registers
+    and adds them into `logits.grad` / `scale.grad` once. With fp32 logits that replaces the
+    backward's K·4 (logits) + 2·K·4 (.grad read and write) bytes per weight and micro-step by
+    (K·4 + 2·K·4) / n + 6. Same sums as the immediate path, to fp32 round-off.
+
+    Pending gradients are flushed when a quantizer has `n`, when the sampler settings of a
+    quantizer change (κ, τ), on `flush()`, and before every `torch.optim.Optimizer.step` (a
+    global pre-step hook, removed by `close()`). Code that reads `.grad` otherwise (gradient
+    clipping, all-reduce) must call `flush()` first. The logits and scales must not change
+    between a micro-step and its flush (true in the trainer: only the optimiser changes them).
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1; got {n}")
+        self.n = n
+        self._pending: dict[int, _Batch] = {}
+        self._hook = register_optimizer_step_pre_hook(self._pre_step)
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self.flush()
+
+    def add(self, call: _Call, logits: Tensor, scale: Tensor, grad_w: Tensor) -> None:
+        """Queue one micro-step's G for `logits`; flushes when `n` are pending."""
+        key = id(logits)
+        batch = self._pending.get(key)
+        if batch is not None and not batch.call.batchable_with(call):
+            self._flush_key(key)
+            batch = None
+        if batch is None:
+            batch = self._pending[key] = _Batch(call, logits, scale, grad_w, self.n)
+        batch.add(call, grad_w)
+        if batch.count == self.n:
+            self._flush_key(key)
+
+    def _flush_key(self, key: int) -> None:
+        batch = self._pending.pop(key)
+        if batch.count:
+            batch.flush()
+
+    @property
+    def pending(self) -> int:
+        """Micro-steps queued over all quantizers."""
+        return sum(b.count for b in self._pending.values())
+
+    def flush(self) -> None:
+        """Compute every pending gradient now."""
+        for key in list(self._pending):
+            self._flush_key(key)
+
+    def close(self) -> None:
+        """Flush and remove the optimiser hook."""
+        self.flush()
+        self._hook.remove()
+
+
+DEFER_N = int(os.environ.get("GSQ_FUSED_DEFER", "1"))
+_DEFAULT_DEFERRED: DeferredGrads | None = None
+
+
+def default_deferred() -> DeferredGrads:
+    """The process-wide DeferredGrads(GSQ_FUSED_DEFER) that `accumulate_grad=True` uses when
+    that variable is > 1."""
+    global _DEFAULT_DEFERRED
+    if _DEFAULT_DEFERRED is None:
+        _DEFAULT_DEFERRED = DeferredGrads(DEFER_N)
+    return _DEFAULT_DEFERRED
