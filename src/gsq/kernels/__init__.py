@@ -45,7 +45,8 @@ def use_fused(tensor: Tensor) -> bool:
 def categorical_sample(logits, scale, values, valid, kappa, tau, noise_seed, group_size,
                        scale_dtype, out_dtype, accumulate_grad: bool = False) -> Tensor:
     """`CategoricalSample.apply(...)`, fused on CUDA (see `use_fused`). `accumulate_grad` (fused
-    path only): add ∂ℓ straight into `logits.grad` (see `sampler_triton` module doc)."""
+    path only): True adds ∂ℓ straight into `logits.grad`; a `sampler_triton.DeferredGrads`
+    batches several micro-steps (see the `sampler_triton` module doc)."""
     if use_fused(logits):
         from gsq.kernels.sampler_triton import FusedCategoricalSample
 

@@ -33,6 +33,9 @@ gradient straight into `logits.grad` (allocating it when None) and returns None 
 which saves the separate read-add-write of autograd's accumulation (2 × K × 4 bytes per weight
 and micro-batch with fp32 logits). Only for a leaf `logits` used once per graph, with
 `loss.backward()` (not `torch.autograd.grad`); falls back to the plain return otherwise.
+`accumulate_grad=DeferredGrads(n)` goes further: micro-steps only queue their weight gradient
+and one backward pass per n micro-steps reads the logits and writes `.grad` once (class doc);
+`accumulate_grad=True` uses a process-wide one when env `GSQ_FUSED_DEFER` > 1.
 """
 
 from __future__ import annotations
