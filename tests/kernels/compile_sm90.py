@@ -22,7 +22,7 @@ TYPES = {"logits_ptr": "*fp32", "scale_ptr": "*fp32", "values_ptr": "*fp32", "va
          "out_ptr": "*bf16", "gw_ptr": "*bf16", "gl_ptr": "*fp32", "gs_ptr": "*fp32",
          "seed": "i64", "n_rows": "i32", "n_cols": "i32", "n_w": "i32", "group_size": "i32",
          "n_groups": "i32", "kappa": "fp32", "inv_tau": "fp32", "k_over_t": "fp32",
-         "seeds_ptr": "*i64", "n_batch": "i32"}
+         "seeds_ptr": "*i64"}
 
 
 def compile_kernel(fn, constexprs: dict, **types) -> None:
@@ -40,18 +40,17 @@ def cases():
     grid = dict(K=4, HAS_NOISE=True, HAS_VALID=False, PER_WEIGHT=False, WIDE=False, **tile)
     shift = dict(grid, K=5, HAS_VALID=True, PER_WEIGHT=True)
     yield st._categorical_fwd_kernel, grid, {}
-    yield st._categorical_bwd_kernel, dict(grid, ACCUM=True, BATCHED=False), {}
-    yield st._categorical_bwd_kernel, dict(grid, ACCUM=True, BATCHED=True), {}
-    yield st._categorical_bwd_kernel, dict(grid, ACCUM=False, BATCHED=False, WIDE=True,
+    yield st._categorical_bwd_kernel, dict(grid, ACCUM=True, BATCHED=False, N_BATCH=1), {}
+    yield st._categorical_bwd_kernel, dict(grid, ACCUM=True, BATCHED=True, N_BATCH=8), {}
+    yield st._categorical_bwd_kernel, dict(grid, ACCUM=False, BATCHED=False, N_BATCH=1, WIDE=True,
                                            EVEN_C=False, N_CHUNKS=3), {"n_w": "i64"}
     yield st._categorical_fwd_kernel, shift, {"values_ptr": "*i8"}
-    yield st._categorical_bwd_kernel, dict(shift, ACCUM=True, BATCHED=True), {"values_ptr": "*i8",
-                                                                 "logits_ptr": "*bf16",
-                                                                 "gl_ptr": "*bf16"}
+    bf16_shift = {"values_ptr": "*i8", "logits_ptr": "*bf16", "gl_ptr": "*bf16"}
+    yield st._categorical_bwd_kernel, dict(shift, ACCUM=True, BATCHED=True, N_BATCH=8), bf16_shift
     tern = dict(HAS_NOISE=True, WIDE=False, **tile)
     yield st._ternary_fwd_kernel, tern, {}
-    yield st._ternary_bwd_kernel, dict(tern, ACCUM=True, BATCHED=False), {}
-    yield st._ternary_bwd_kernel, dict(tern, ACCUM=True, BATCHED=True), {}
+    yield st._ternary_bwd_kernel, dict(tern, ACCUM=True, BATCHED=False, N_BATCH=1), {}
+    yield st._ternary_bwd_kernel, dict(tern, ACCUM=True, BATCHED=True, N_BATCH=8), {}
     yield st._uniform_kernel, dict(K=5, BLOCK=1024, WIDE=False, N_ROUNDS=10), {"out_ptr": "*fp32"}
 
 

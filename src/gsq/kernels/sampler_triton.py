@@ -290,16 +290,18 @@ def _batch_seed(seed, seeds_ptr, j, BATCHED: tl.constexpr):
 @triton.jit(do_not_specialize=["seed"])
 def _categorical_bwd_kernel(
     logits_ptr, scale_ptr, values_ptr, valid_ptr, gw_ptr, gl_ptr, gs_ptr, seeds_ptr,
-    seed, n_batch, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau, k_over_t,
+    seed, n_rows, n_cols, n_w, group_size, n_groups, kappa, inv_tau, k_over_t,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_VALID: tl.constexpr, PER_WEIGHT: tl.constexpr,
-    ACCUM: tl.constexpr, BATCHED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACCUM: tl.constexpr, BATCHED: tl.constexpr, N_BATCH: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     WIDE: tl.constexpr, EVEN_C: tl.constexpr, N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr,
     N_ROUNDS: tl.constexpr,
 ):
     """∂ℓ_k = (κ/τ)·p_k·h·(v_k − code), h = G·s; ∂s[r, grp] = Σ_{c∈grp} G·code (replayed noise).
 
-    Summed over `n_batch` (G_j, seed_j) pairs (G `(n_batch, out, in)`; BATCHED: seeds from
-    `seeds_ptr`, else the one `seed`) in registers, then one write (or add, ACCUM) of ∂ℓ."""
+    Summed over N_BATCH (G_j, seed_j) pairs (G `(N_BATCH, out, in)`; BATCHED: seeds from
+    `seeds_ptr`, else the one `seed`) in registers, then one write (or add, ACCUM) of ∂ℓ.
+    N_BATCH is a constexpr (a plain loop; 1 for the immediate path)."""
     pid_r = tl.program_id(0)
     gid = tl.program_id(1)
     if WIDE:
@@ -317,7 +319,7 @@ def _categorical_bwd_kernel(
         gl2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         gl3 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         gl4 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for j in range(n_batch):
+        for j in range(N_BATCH):
             sj = _batch_seed(seed, seeds_ptr, j, BATCHED)
             p0, p1, p2, p3, p4, v0, v1, v2, v3, v4, code = _categorical_tile(
                 logits_ptr, values_ptr, valid_ptr, sj, n_w, idx, mask, kappa, inv_tau,
@@ -371,9 +373,9 @@ def _ternary_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _ternary_bwd_kernel(
-    logits_ptr, scale_ptr, gw_ptr, gl_ptr, gs_ptr, seeds_ptr, seed, n_batch, n_rows, n_cols, n_w,
+    logits_ptr, scale_ptr, gw_ptr, gl_ptr, gs_ptr, seeds_ptr, seed, n_rows, n_cols, n_w,
     group_size, n_groups, kappa, inv_tau, k_over_t,
-    HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr, BATCHED: tl.constexpr,
+    HAS_NOISE: tl.constexpr, ACCUM: tl.constexpr, BATCHED: tl.constexpr, N_BATCH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, EVEN_C: tl.constexpr,
     N_CHUNKS: tl.constexpr, FAST_LOG: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
@@ -393,7 +395,7 @@ def _ternary_bwd_kernel(
                                 WIDE, EVEN_C)
         gm = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         gb = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for j in range(n_batch):
+        for j in range(N_BATCH):
             sj = _batch_seed(seed, seeds_ptr, j, BATCHED)
             m, b = _ternary_tile(logits_ptr, sj, n_w, idx, mask, kappa, inv_tau, HAS_NOISE,
                                  FAST_LOG, N_ROUNDS)
@@ -572,9 +574,9 @@ def _launch(call: _Call, out: Tensor | None = None, grad: _Grad | None = None) -
             return None
         grad_s = torch.empty((rows, n_groups), dtype=torch.float32, device=call.logits.device)
         seeds = grad.seeds if grad.seeds is not None else call.logits  # unread unless BATCHED
-        bwd[grid](*lead, grad.grad_w, grad.grad_l, grad_s, seeds, seed, n_batch, *dims,
+        bwd[grid](*lead, grad.grad_w, grad.grad_l, grad_s, seeds, seed, *dims,
                   float(call.kappa) / float(call.tau), ACCUM=grad.accum,
-                  BATCHED=grad.seeds is not None, **common)
+                  BATCHED=grad.seeds is not None, N_BATCH=n_batch, **common)
     return grad_s
 
 
