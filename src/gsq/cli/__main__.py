@@ -6,6 +6,7 @@ Every user-input problem ends as one line `gsq: error: ...` on stderr and exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -317,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _interrupt_on_sigterm():
+    """While a command runs, SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so temporary
+    outputs are removed; the previous handler comes back afterwards."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (called from a library): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -329,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export,
                 "demo": cmd_demo}
     try:
-        return handlers[args.command](args)
+        with _interrupt_on_sigterm():
+            return handlers[args.command](args)
     except GSQError as err:
         print(f"gsq: error: {err}", file=sys.stderr)
         return 2
