@@ -13,6 +13,7 @@ of {init, epoch 1..E} is returned, so the result is never worse than its start o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -139,14 +140,16 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
             for group, base in zip(opt.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             opt.zero_grad(set_to_none=True)
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float32)
             for m, micro in enumerate(idx.split(cfg.micro_batch_size)):
                 weights = _soft_weights(quantizers, tau, kappa, seed, step, m, objective.dtype)
                 loss = objective.loss(weights, micro) * (len(micro) / len(idx))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss at step {step}")
                 loss.backward()
-                total += float(loss.detach())
+                # summed on the loss's device: one host sync per step, not per micro-batch
+                total = total.to(loss.device) + loss.detach().float()
+            total = float(total)
+            if not math.isfinite(total):
+                raise FloatingPointError(f"non-finite training loss at step {step}")
             opt.step()
             losses.append(total)
             step += 1
