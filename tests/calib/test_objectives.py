@@ -61,3 +61,22 @@ def test_map_batches():
     x = torch.arange(10.0).view(5, 2)
     out = map_batches(lambda c: c * 2, x, 2)
     assert torch.equal(out, x * 2)
+
+
+def test_autocast_bf16_runs_16_bit_matmuls_with_an_fp32_loss(tiny_llama):
+    block, fn, obj, (x_train, y_train, x_val, y_val) = _setup(tiny_llama)
+    obj16 = ActivationObjective(block, fn, (x_train, y_train), (x_val, y_val), 2,
+                                torch.device("cpu"), autocast="bf16")
+    W0 = block.self_attn.v_proj.weight
+    W = (W0 + 0.05 * torch.randn(W0.shape, generator=torch.Generator().manual_seed(1)))
+    W.requires_grad_(True)
+    idx = torch.tensor([4, 1])
+    loss32 = obj.loss({"self_attn.v_proj": W}, idx)
+    loss16 = obj16.loss({"self_attn.v_proj": W}, idx)
+    assert loss16.dtype == torch.float32
+    assert float(loss16) != float(loss32)  # bf16 matmuls round differently
+    assert float(loss16) == pytest.approx(float(loss32), rel=0.1)
+    loss16.backward()
+    assert W.grad is not None and W.grad.dtype == torch.float32 and W.grad.abs().sum() > 0
+    assert obj16.val_loss({"self_attn.v_proj": W.detach()}) == pytest.approx(
+        obj.val_loss({"self_attn.v_proj": W.detach()}), rel=0.1)

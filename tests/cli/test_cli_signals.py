@@ -23,3 +23,11 @@ def test_sigterm_removes_the_temporary_output_and_exits_130(tmp_path, monkeypatc
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the target nor a .tmp folder
     assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
+
+
+def test_autocast_flag_reaches_the_training_config():
+    args = cli.build_parser().parse_args(
+        ["quantize", "smollm2-demo", "--autocast", "bf16", "--out", "x"])
+    assert cli.build_config(args).train.autocast == "bf16"
+    args = cli.build_parser().parse_args(["quantize", "smollm2-demo", "--out", "x"])
+    assert cli.build_config(args).train.autocast is None

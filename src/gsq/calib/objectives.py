@@ -28,16 +28,20 @@ class _SubBlock(nn.Module):
         return self.fn(self.block, x)
 
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class ActivationObjective:
     """Mean squared error of `fn(block, x)` with trial weights against cached targets.
 
     inputs/targets: `(N, T, hidden)`; `weights` map linear names (e.g. "mlp.up_proj") to
-    `(out, in)`.
+    `(out, in)`. With `autocast` ("bf16"/"fp16") the sub-block runs under `torch.autocast` on the
+    device (16-bit matmuls); the MSE is always taken in fp32.
     """
 
     def __init__(self, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor],
                  train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], micro_batch_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, autocast: str | None = None) -> None:
         self.module = _SubBlock(block, fn)
         self.train_in, self.train_out = train
         self.val_in, self.val_out = val
@@ -45,10 +49,13 @@ class ActivationObjective:
         self.micro = micro_batch_size
         self.device = device
         self.dtype = next(block.parameters()).dtype
+        self.autocast = _AUTOCAST_DTYPES[autocast] if autocast else None
 
     def _forward(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
         params = {f"block.{name}.weight": w for name, w in weights.items()}
-        return functional_call(self.module, params, (x,), strict=False)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            return functional_call(self.module, params, (x,), strict=False)
 
     def loss(self, weights: dict[str, Tensor], indices: Tensor) -> Tensor:
         idx = indices.to(self.train_in.device)

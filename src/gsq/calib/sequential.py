@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,11 +61,20 @@ class BlockContext:
     ctx: dict[str, Any]  # block call kwargs (rotary embeddings, mask)
     W_f: dict[str, Tensor]  # original weights of the in-scope linears
     targets: dict[str, Tensor] = field(default_factory=dict)  # FP outputs: attn_/block_ train/val
+    # Optional initialiser replacing GPTQ/RTN (e.g. a GGUF file's codes, `gsq refine`), see
+    # `InitProvider`; None = the configured GPTQ/RTN init.
+    init_provider: InitProvider | None = None
 
     @property
     def device(self) -> torch.device:
         """Where the block (and its training state) lives; buffers may live on the host."""
         return next(self.block.parameters()).device
+
+
+# (block context, stage, names of the stage's linears) -> initial records by name. A record may
+# carry `make_quantizer(init_cfg, generator)` (e.g. `AffineWeight`). Linears left out are not
+# trained: the provider writes whatever weight they must have into `bc.block` itself.
+InitProvider = Callable[["BlockContext", StageSpec, list[str]], dict[str, Any]]
 
 
 def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str,
@@ -109,7 +119,10 @@ def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro) -> tuple[di
     GPTQ runs group by group in the stage's `gptq_order`, each group written into the block
     before the next group's Hessians are collected, so e.g. down_proj is fitted to the outputs of
     the quantized gate/up projections (the usual "true sequential" GPTQ).
+    With `bc.init_provider`, its records instead (no Hessians).
     """
+    if bc.init_provider is not None:
+        return bc.init_provider(bc, stage, list(specs)), {}
     if cfg.method == "rtn" or (cfg.method == "gsq" and cfg.init == "rtn"):
         return {n: rtn_quantize(bc.W_f[n], s) for n, s in specs.items()}, {}
     init, H = {}, {}
@@ -126,7 +139,8 @@ def _quantizers(init: dict[str, QuantizedWeight], cfg: QuantizeConfig, seed: int
     out = {}
     for qi, (name, qw) in enumerate(init.items()):
         gen = torch.Generator().manual_seed(derive_seed(seed, qi, 0x1417))
-        out[name] = make_quantizer(qw, cfg.init_cfg, gen)
+        factory = getattr(qw, "make_quantizer", None)  # records that bring their own quantizer
+        out[name] = factory(cfg.init_cfg, gen) if factory else make_quantizer(qw, cfg.init_cfg, gen)
     return out
 
 
@@ -169,7 +183,7 @@ def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tu
         train = (map_batches(attn, bufs.train, micro, bc.device), bc.targets["block_train"])
         val = (map_batches(attn, bufs.val, micro, bc.device), bc.targets["block_val"])
     device = next(bc.block.parameters()).device
-    objective = ActivationObjective(bc.block, fn, train, val, micro, device)
+    objective = ActivationObjective(bc.block, fn, train, val, micro, device, cfg.train.autocast)
     quantizers = _quantizers(init, cfg, seed)
     run = train_quantizers(quantizers, objective, cfg.train, seed, progress,
                            desc=f"block {bc.index} {stage.name}")
@@ -202,7 +216,7 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
     micro = cfg.train.micro_batch_size
     init, H = _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro)
     results, runs = init, []
-    if cfg.method == "gsq" and stage.name in cfg.gsq_stages:
+    if cfg.method == "gsq" and stage.name in cfg.gsq_stages and init:
         seed = derive_seed(cfg.seed, bc.index, _STAGE_IDS.get(stage.name, 0))
         try:
             if stage.objective == "quadratic":
@@ -243,14 +257,15 @@ def _propagate(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, micro: in
 
 
 def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: QuantizeConfig,
-                   bufs: Buffers, ctx: dict, progress: bool) -> tuple[dict, dict, Buffers]:
+                   bufs: Buffers, ctx: dict, progress: bool,
+                   init_provider: InitProvider | None = None) -> tuple[dict, dict, Buffers]:
     """Quantize one block in place. Returns (records by full name, report entry, next buffers)."""
     t0 = time.perf_counter()
     prefix = adapter.first_block_prefix().format(i=index)
     stages = active_stages(adapter, cfg)
     names = [n for s in stages for n in s.linears]
     W_f = {n: block.get_submodule(n).weight.detach().clone() for n in names}
-    bc = BlockContext(block, index, prefix, ctx, W_f)
+    bc = BlockContext(block, index, prefix, ctx, W_f, init_provider=init_provider)
     micro = cfg.train.micro_batch_size
     _cache_fp_targets(bc, adapter, bufs, micro, need_train=cfg.method == "gsq")
     records, stage_reports = {}, []
@@ -288,10 +303,11 @@ def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int
 
 
 def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
-                     cfg: QuantizeConfig, device: torch.device,
-                     progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
+                     cfg: QuantizeConfig, device: torch.device, progress: bool = True,
+                     init_provider: InitProvider | None = None,
+                     ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize `model` in place, block by block, on calibration windows {train, val, gptq}
-    `(N, T)`.
+    `(N, T)`; `init_provider` replaces the GPTQ/RTN initialisation (see `InitProvider`).
 
     Returns the records of every quantized linear (by full module name) and the run report.
     """
@@ -315,7 +331,7 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
         block_home = next(block.parameters()).device
         block.to(device)
         block_records, report, bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
-                                                     progress)
+                                                     progress, init_provider)
         block.to(block_home)
         records.update(block_records)
         block_reports.append(report)

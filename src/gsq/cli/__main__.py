@@ -68,6 +68,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs per stage")
     p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
     p.add_argument("--logit-lr", type=float)
+    p.add_argument("--autocast", choices=("bf16", "fp16"),
+                   help="16-bit matmuls in the stage forward/backward (torch.autocast); losses, "
+                        "logits and scales stay fp32")
     p.add_argument("--scale-lr", type=float)
     p.add_argument("--logit-travel", type=float,
                    help="budget-aware logit lr: raise lr so a logit can move this far (0 = off)")
@@ -102,7 +105,7 @@ def build_config(args: argparse.Namespace):
     train_changes = {k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "logit_lr": args.logit_lr,
-        "scale_lr": args.scale_lr}.items() if v is not None}
+        "scale_lr": args.scale_lr, "autocast": args.autocast}.items() if v is not None}
     if args.logit_travel is not None:
         train_changes["logit_travel"] = args.logit_travel or None
     if args.no_keep_best:

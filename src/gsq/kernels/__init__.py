@@ -1,8 +1,11 @@
 """Optional fused GPU kernels (Triton) for the GSQ sampler; the torch path stays the reference.
 
 `use_fused(t)` says whether the fused path applies to tensor `t`: CUDA, fp32/bf16/fp16, triton
-importable and env `GSQ_FUSED` not "0". `categorical_sample` / `ternary_sample` take exactly the
-arguments of `CategoricalSample.apply` / `TernarySample.apply` and dispatch on `use_fused(logits)`.
+importable and env `GSQ_FUSED` = "1". The fused path is opt-in until its GPU equivalence tests and
+benchmark (`benchmarks/gpu_step.py`) have run on a device: it has only been checked in the Triton
+interpreter and compiled for sm_90 without a GPU so far. `categorical_sample` / `ternary_sample`
+take exactly the arguments of `CategoricalSample.apply` / `TernarySample.apply` and dispatch on
+`use_fused(logits)`.
 Importing this package never imports triton; `gsq.kernels.sampler_triton` does.
 
 The fused and torch paths draw different noise streams (Philox in-kernel vs a seeded
@@ -34,8 +37,9 @@ def triton_available() -> bool:
 
 def use_fused(tensor: Tensor) -> bool:
     """Fused kernels for `tensor`'s sampler? CUDA, a supported logit dtype, triton importable
-    and `GSQ_FUSED` != "0" (the CPU path and float64 gradient tests always use torch)."""
-    if os.environ.get("GSQ_FUSED", "1") == "0":
+    and `GSQ_FUSED` = "1" (opt-in, see the module doc; the CPU path and float64 gradient tests
+    always use torch)."""
+    if os.environ.get("GSQ_FUSED", "0") != "1":
         return False
     if not tensor.is_cuda or tensor.dtype not in _FUSED_DTYPES:
         return False

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gsq.kernels import categorical_sample, ternary_sample
 from gsq.quant.grids import to_bf16_grid
-from gsq.quant.sampler import CategoricalSample, TernarySample
 from gsq.quant.types import QuantizedWeight, QuantSpec
 
 SHIFTS = (-2, -1, 0, 1, 2)
@@ -85,9 +85,9 @@ class GridQuantizer(LogitQuantizer):
         self.register_buffer("values", values)
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
-        return CategoricalSample.apply(self.logits, self.scale, self.values, None, kappa, tau,
-                                       noise_seed, self.spec.group_size, self.scale_dtype,
-                                       out_dtype)
+        return categorical_sample(self.logits, self.scale, self.values, None, kappa, tau,
+                                  noise_seed, self.spec.group_size, self.scale_dtype, out_dtype,
+                                  accumulate_grad=True)
 
     def hard_codes(self) -> Tensor:
         return self.values.flatten()[self.logits.detach().argmax(dim=0)].to(torch.int8)
@@ -115,9 +115,9 @@ class ShiftQuantizer(LogitQuantizer):
         self.register_buffer("valid", valid if cfg.shift_edge == "mask" else None)
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
-        return CategoricalSample.apply(self.logits, self.scale, self.values, self.valid, kappa, tau,
-                                       noise_seed, self.spec.group_size, self.scale_dtype,
-                                       out_dtype)
+        return categorical_sample(self.logits, self.scale, self.values, self.valid, kappa, tau,
+                                  noise_seed, self.spec.group_size, self.scale_dtype, out_dtype,
+                                  accumulate_grad=True)
 
     def hard_codes(self) -> Tensor:
         logits = self.logits.detach()
@@ -137,8 +137,9 @@ class TernaryQuantizer(LogitQuantizer):
         super().__init__(init, _init_logits(prior, cfg, cfg.strength(init.spec), generator))
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
-        return TernarySample.apply(self.logits, self.scale, kappa, tau, noise_seed,
-                                   self.spec.group_size, self.scale_dtype, out_dtype)
+        return ternary_sample(self.logits, self.scale, kappa, tau, noise_seed,
+                              self.spec.group_size, self.scale_dtype, out_dtype,
+                              accumulate_grad=True)
 
     def hard_codes(self) -> Tensor:
         # Paper Alg. 2: mask = [ℓ_m >= 0], sign = +1 iff ℓ_b >= 0.

@@ -22,6 +22,7 @@ import torch
 from lion_pytorch import Lion
 from torch import Tensor
 
+from gsq.kernels import lion_uses_triton
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import LogitQuantizer
 from gsq.quant.schedule import DEFAULT_LOGIT_TRAVEL, Schedule, budget_aware_lr
@@ -64,12 +65,17 @@ class TrainConfig:
     keep_best: bool = True  # return the best of init and every epoch by held-out hard loss
     # "reshuffle": new per-sample order each epoch; "chunks": fixed chunks
     batching: str = "reshuffle"
+    # Mixed precision of the stage forward/backward: None = the model's dtype, "bf16"/"fp16" =
+    # torch.autocast (matmuls in 16 bit, losses, logits, noise and scales stay fp32)
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch sizes >= 1")
         if self.batching not in ("reshuffle", "chunks"):
             raise ValueError(f"batching must be 'reshuffle' or 'chunks'; got {self.batching!r}")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16'; got {self.autocast!r}")
 
 
 @dataclass
@@ -111,7 +117,8 @@ def _make_optimizer(quantizers: dict[str, LogitQuantizer], cfg: TrainConfig,
          "weight_decay": cfg.weight_decay},
         {"params": [q.scale for q in quantizers.values()], "lr": cfg.scale_lr, "weight_decay": 0.0},
     ]
-    return Lion(groups, lr=logit_lr, betas=cfg.betas)
+    fused = lion_uses_triton(q.logits for q in quantizers.values())
+    return Lion(groups, lr=logit_lr, betas=cfg.betas, use_triton=fused)
 
 
 def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective, cfg: TrainConfig,
