@@ -11,7 +11,9 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
+from gsq.errors import GSQError
 from gsq.quant.quantizers import InitConfig
+from gsq.quant.target import fallback_target, parse_target, target_spec, target_type
 from gsq.quant.trainer import TrainConfig
 from gsq.quant.types import QuantSpec, parse_bits
 
@@ -44,6 +46,11 @@ class QuantizeConfig:
     # None = the device when they fit in a quarter of its free memory, else the host.
     offload_activations: bool | None = None
     max_blocks: int | None = None  # quantize only the first N blocks (smoke tests, comparisons)
+    # GGUF type to optimise for ("Q2_K", "gguf:Q4_0", ...; `gsq.quant.target`): bits and group
+    # size must be ones the type holds (`targeting` fills them in); None = bf16 group scales
+    target: str | None = None
+    # type of the tensors whose rows are not whole `target` blocks; None = llama.cpp's rule
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,19 +71,59 @@ class QuantizeConfig:
             raise ValueError(f"seqlen must be >= 2; got {self.seqlen}")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1; got {self.max_blocks}")
+        self._check_target()
 
-    def spec_for(self, module_name: str) -> QuantSpec | None:
-        """The spec of a full module name, or None if it is skipped (kept in full precision)."""
+    def _check_target(self) -> None:
+        """Normalise target/fallback names; the grid and group size must fit the target."""
+        if self.target is None:
+            if self.fallback is not None:
+                raise ValueError("a fallback type needs a target type")
+            return
+        object.__setattr__(self, "target", parse_target(self.target))
+        QuantSpec(self.bits, self.group_size, self.target)  # grid and group size held?
+        if self.fallback is not None:
+            object.__setattr__(self, "fallback", parse_target(self.fallback))
+        if self.bits_overrides:
+            raise ValueError("per-module bit-widths cannot be combined with a GGUF target type")
+
+    def spec_for(self, module_name: str, in_features: int | None = None) -> QuantSpec | None:
+        """The spec of a full module name, or None if it is skipped (kept in full precision).
+
+        With a target and `in_features`, a module whose rows are not whole blocks of the target
+        gets the fallback type (its default grid and group size, `target.fallback_target`).
+        """
         if any(fnmatch.fnmatch(module_name, pat) for pat in self.skip):
             return None
+        if self.target is not None:
+            return self._target_spec_for(module_name, in_features)
         bits = self.bits
         for pattern, override in self.bits_overrides:
             if fnmatch.fnmatch(module_name, pattern):
                 bits = parse_bits(override)
         return QuantSpec(bits, self.group_size)
 
+    def _target_spec_for(self, module_name: str, in_features: int | None) -> QuantSpec:
+        if in_features is None:
+            return QuantSpec(self.bits, self.group_size, self.target)
+        try:
+            qtype = fallback_target(self.target, in_features, self.fallback, module_name)
+        except ValueError as err:
+            raise GSQError(str(err)) from err
+        if qtype == self.target:
+            return QuantSpec(self.bits, self.group_size, qtype)
+        return target_spec(qtype)
+
     def replace(self, **changes) -> QuantizeConfig:
         return dataclasses.replace(self, **changes)
+
+    def targeting(self, target: str, fallback: str | None = None, bits: int | str | None = None,
+                  group_size: int | None = None) -> QuantizeConfig:
+        """This config optimised for GGUF `target`: bits and group size are the ones the target
+        implies (Q2_K: 2-bit g16, ...) unless given; ValueError if they contradict it."""
+        tt = target_type(target)
+        return self.replace(target=tt.name, fallback=fallback,
+                            bits=tt.default_bits if bits is None else bits,
+                            group_size=tt.group_size if group_size is None else group_size)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

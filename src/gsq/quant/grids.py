@@ -27,16 +27,18 @@ def round_to_grid(x: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
     return torch.clamp(torch.round(x / scale), spec.qmin, spec.qmax)
 
 
-def _candidate_scales(xmax: Tensor, spec: QuantSpec) -> Tensor:
-    """`(C, rows, n_groups)` bf16-rounded candidates ±2p·max|x|/(levels-1), p in SHRINK_FACTORS."""
+def _candidate_scales(xmax: Tensor, spec: QuantSpec, grid=to_bf16_grid) -> Tensor:
+    """`(C, rows, n_groups)` candidates ±2p·max|x|/(levels-1), p in SHRINK_FACTORS, rounded by
+    `grid` (bf16 by default)."""
     p = torch.tensor(SHRINK_FACTORS, dtype=torch.float32, device=xmax.device)
     signs = (1.0, -1.0) if spec.qmin != -spec.qmax else (1.0,)  # symmetric grids need one sign
     # order p=1.00(+), 1.00(-), 0.99(+), ...: the search keeps the first best candidate
     factors = torch.stack([sign * 2.0 * p / (spec.levels - 1) for sign in signs], 1).flatten()
-    return to_bf16_grid(factors.view(-1, 1, 1) * xmax.unsqueeze(0))
+    return grid(factors.view(-1, 1, 1) * xmax.unsqueeze(0))
 
 
-def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**25) -> Tensor:
+def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**25,
+                        grid=to_bf16_grid) -> Tensor:
     """Signed MSE-shrink scale search for groups `x` of shape `(rows, n_groups, g)`.
 
     For p in SHRINK_FACTORS and both signs, s = ±2p·max|x| / (levels - 1); keep the s with the least
@@ -44,12 +46,12 @@ def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**25) -
     flips the asymmetric 2-bit grid {-2..1} to {-1..2}. All-zero groups use max|x| = 1 so the scale
     stays finite and non-zero (pitfall P3). Candidates are evaluated in chunks of at most
     `max_elements` values at once (no host sync). Returns fp32 scales `(rows, n_groups)` on the
-    bfloat16 grid.
+    bfloat16 grid, or on `grid`'s values (a rounding function, e.g. to fp16 for GGUF targets).
     """
     x = x.float()
     xmax = x.abs().amax(dim=-1)
     xmax = torch.where(xmax > 0, xmax, torch.ones_like(xmax))
-    candidates = _candidate_scales(xmax, spec)  # (C, rows, n_groups)
+    candidates = _candidate_scales(xmax, spec, grid)  # (C, rows, n_groups)
     chunk = max(1, max_elements // max(x.numel(), 1))
     errors = []
     for cand in candidates.split(chunk):

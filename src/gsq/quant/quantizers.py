@@ -9,6 +9,10 @@
 Logits start at ℓ = σ_init · (ε + α · c̃) with ε ~ N(0, 1) from an explicit generator and c̃ the
 centred prior around the initial (GPTQ/RTN) code. Scales start from the initialiser's scales and are
 trained too (they may be negative). `hard_result()` takes each weight's argmax.
+
+With a GGUF target (`spec.target`) the scale parameter is a latent fp32 value: the sampler and
+`hard_result()` see its projection onto the target's lattice (`gsq.quant.lattice`; straight-through
+in the backward), so the hard weight the trainer validates is exactly what the GGUF file stores.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from torch import Tensor, nn
 
 from gsq.kernels import categorical_sample, ternary_sample
 from gsq.quant.grids import to_bf16_grid
+from gsq.quant.lattice import Fp16Lattice, project_ste
+from gsq.quant.target import target_type
 from gsq.quant.types import QuantizedWeight, QuantSpec
 
 SHIFTS = (-2, -1, 0, 1, 2)
@@ -56,7 +62,13 @@ class LogitQuantizer(nn.Module):
         self.init = init  # the initial assignment, candidate "epoch 0" of the best-epoch selection
         self.logits = nn.Parameter(logits)
         self.scale = nn.Parameter(init.scale.detach().clone().float())
-        self.scale_dtype: torch.dtype | None = torch.bfloat16
+        self.lattice = _target_lattice(init)  # None without a GGUF target
+        self.scale_dtype: torch.dtype | None = None if self.lattice is not None else torch.bfloat16
+
+    def sample_scale(self) -> Tensor:
+        """The scale the sampler sees: the parameter, or its lattice projection (straight-through
+        gradient) with a GGUF target."""
+        return self.scale if self.lattice is None else project_ste(self.scale, self.lattice)
 
     def soft(self, tau: float, kappa: float, noise_seed: int, out_dtype: torch.dtype) -> Tensor:
         raise NotImplementedError
@@ -65,11 +77,26 @@ class LogitQuantizer(nn.Module):
         raise NotImplementedError
 
     def hard_result(self) -> QuantizedWeight:
-        """The argmax assignment with the current scales rounded to their 16-bit storage."""
+        """The argmax assignment with the current scales rounded to their 16-bit storage (or
+        projected onto the target's lattice)."""
         scale = self.scale.detach()
-        if self.scale_dtype:
+        if self.lattice is not None:
+            scale = self.lattice.project(scale.float())
+        elif self.scale_dtype:
             scale = to_bf16_grid(scale.float())
-        return QuantizedWeight(self.hard_codes(), scale.clone(), self.spec)
+        return QuantizedWeight(self.hard_codes(), scale.clone(), self.spec, lattice=self.lattice)
+
+
+def _target_lattice(init: QuantizedWeight):
+    """The lattice `init`'s scales were searched on; fp16 types need none handed over."""
+    if init.spec.target is None:
+        return None
+    if init.lattice is not None:
+        return init.lattice
+    if not target_type(init.spec.target).is_k:
+        return Fp16Lattice(init.spec)
+    raise ValueError(f"a {init.spec.label} initial assignment must carry the scale lattice it was "
+                     "searched on (from rtn_quantize / gptq_quantize)")
 
 
 class GridQuantizer(LogitQuantizer):
@@ -85,7 +112,7 @@ class GridQuantizer(LogitQuantizer):
         self.register_buffer("values", values)
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
-        return categorical_sample(self.logits, self.scale, self.values, None, kappa, tau,
+        return categorical_sample(self.logits, self.sample_scale(), self.values, None, kappa, tau,
                                   noise_seed, self.spec.group_size, self.scale_dtype, out_dtype,
                                   accumulate_grad=True)
 
@@ -115,7 +142,8 @@ class ShiftQuantizer(LogitQuantizer):
         self.register_buffer("valid", valid if cfg.shift_edge == "mask" else None)
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
-        return categorical_sample(self.logits, self.scale, self.values, self.valid, kappa, tau,
+        return categorical_sample(self.logits, self.sample_scale(), self.values, self.valid, kappa,
+                                  tau,
                                   noise_seed, self.spec.group_size, self.scale_dtype, out_dtype,
                                   accumulate_grad=True)
 
@@ -137,7 +165,7 @@ class TernaryQuantizer(LogitQuantizer):
         super().__init__(init, _init_logits(prior, cfg, cfg.strength(init.spec), generator))
 
     def soft(self, tau, kappa, noise_seed, out_dtype):
-        return ternary_sample(self.logits, self.scale, kappa, tau, noise_seed,
+        return ternary_sample(self.logits, self.sample_scale(), kappa, tau, noise_seed,
                               self.spec.group_size, self.scale_dtype, out_dtype,
                               accumulate_grad=True)
 

@@ -4,12 +4,17 @@ Weight shape is always `(out_features, in_features)`, row-major, as in `torch.nn
 `group_size` contiguous input columns of one row that share one scale; scales have shape
 `(out, in // group_size)`. The grid is symmetric-signed with no zero-point: `W_r = scale * codes`,
 where a scale may be negative (method §5, "2-bit signed scale").
+
+A spec may name a GGUF `target` type (e.g. "Q2_K"): the run then optimises under that type's own
+constraints (code grid, scale unit, scale lattice; `gsq.quant.target`), so the scales lie on the
+type's lattice instead of the bf16 grid and the GGUF file holds the weight exactly.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,16 +25,22 @@ SUPPORTED_BITS = (2, 3, 4, TERNARY)
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bit-width and group size of one quantized tensor."""
+    """Bit-width and group size of one quantized tensor, and optionally its GGUF target type."""
 
     bits: int | str  # 2, 3, 4 or "ternary" (codes in {-1, 0, 1})
     group_size: int  # input columns per scale
+    # GGUF type the scales are fitted to ("Q2_K", "Q4_0", ...); None: bf16 scales (the default)
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of 2, 3, 4, ternary; got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group size must be a positive integer; got {self.group_size!r}")
+        if self.target is not None:
+            from gsq.quant.target import check_target_spec
+
+            object.__setattr__(self, "target", check_target_spec(self))
 
     @property
     def is_ternary(self) -> bool:
@@ -55,14 +66,18 @@ class QuantSpec:
 
     @property
     def bpp(self) -> float:
-        """Bits per parameter: code bits plus one 16-bit scale per group (method §13)."""
+        """Bits per parameter: code bits plus one 16-bit scale per group (method §13); with a
+        GGUF target, that type's bits per weight."""
+        if self.target is not None:
+            from gsq.quant.target import target_type
+
+            return target_type(self.target).bpw
         return self.code_bits + 16.0 / self.group_size
 
     @property
     def label(self) -> str:
-        if self.is_ternary:
-            return f"ternary g{self.group_size}"
-        return f"{self.bits}-bit g{self.group_size}"
+        grid = "ternary" if self.is_ternary else f"{self.bits}-bit"
+        return f"{grid} g{self.group_size}" + (f" ({self.target})" if self.target else "")
 
 
 def parse_bits(value: str | int) -> int | str:
@@ -81,12 +96,16 @@ class QuantizedWeight:
 
     codes: int8 `(out, in)`, each in [spec.qmin, spec.qmax].
     scale: float32 `(out, in // group_size)`, values exactly representable in bfloat16
-    (stored as 16 bits).
+    (stored as 16 bits); with a `spec.target`, values on that GGUF type's scale lattice instead
+    (fp16 values, or d*k per K-quant super-block: not always bf16 values, stored as float32).
     """
 
     codes: Tensor
     scale: Tensor
     spec: QuantSpec
+    # the target's scale lattice the scales were chosen on (`gsq.quant.lattice`), handed from the
+    # initialiser to the quantizer; not saved, and None without a target
+    lattice: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         out, cols = self.codes.shape
@@ -106,4 +125,5 @@ class QuantizedWeight:
         return (scale * self.codes.float()).to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        return QuantizedWeight(self.codes.to(device), self.scale.to(device), self.spec)
+        lattice = self.lattice.to(device) if self.lattice is not None else None
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), self.spec, lattice)
