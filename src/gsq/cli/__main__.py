@@ -291,6 +291,78 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_refine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("gguf", metavar="QUANTIZED.gguf", help="a llama.cpp GGUF file (llama)")
+    p.add_argument("--base", required=True,
+                   help="its full-precision model: HF id or folder, a .gguf, or 'smollm2-demo'")
+    p.add_argument("--out", required=True, help="refined .gguf (same size and tensor types; "
+                                                "written atomically, report in OUT.refine.json)")
+    p.add_argument("--calib", default=None,
+                   help="text file or folder, or fineweb-edu / c4 / wikitext (default: bundled)")
+    p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
+                   help="budget defaults that the flags below override (default: cpu)")
+    p.add_argument("--scales", choices=("frozen", "train"), default="frozen",
+                   help="frozen: only codes change (default); train: Q2_K sub-block scales are "
+                        "trained too and re-encoded on their 4-bit lattice")
+    for flag, what in (("--nsamples", "training sequences"),
+                       ("--val-samples", "held-out sequences (best-epoch choice)"),
+                       ("--gptq-samples", "sequences for the Q/K Hessians"),
+                       ("--seqlen", "tokens per sequence"),
+                       ("--batch-size", "sequences per optimiser step"),
+                       ("--micro-batch-size", "sequences per forward (fresh noise)")):
+        p.add_argument(flag, type=_positive, help=what)
+    p.add_argument("--epochs", type=int, help="epochs per stage")
+    p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
+    p.add_argument("--heldout-samples", type=int, default=None,
+                   help="extra windows to compare block outputs of the input and the refined "
+                        "file with the base (default: --val-samples; 0 = skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-blocks", type=_positive, help="refine only the first N blocks")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def build_refine_config(args: argparse.Namespace):
+    """QuantizeConfig (budget and schedule) of `gsq refine` from the preset plus the flags."""
+    import dataclasses
+
+    from gsq.config import PRESETS
+
+    base = PRESETS[args.preset]()
+    train = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
+                               "micro_batch_size": args.micro_batch_size}.items() if v is not None}
+    changes = {k: v for k, v in {
+        "nsamples": args.nsamples, "val_samples": args.val_samples,
+        "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
+        "max_blocks": args.max_blocks}.items() if v is not None}
+    try:
+        return base.replace(seed=args.seed, train=dataclasses.replace(base.train, **train),
+                            **changes)
+    except ValueError as err:
+        raise GSQError(str(err)) from err
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from gsq.export.gguf_refine import refine_gguf, report_path
+
+    r = refine_gguf(args.gguf, args.base, args.out, cfg=build_refine_config(args),
+                    calib=args.calib, scales=args.scales, device=args.device,
+                    progress=not args.quiet, overwrite=args.overwrite,
+                    heldout_samples=args.heldout_samples).report
+    types = ", ".join(f"{n} {t}" for t, n in r["refined_types"].items()) or "none"
+    kept = ", ".join(f"{n} {t}" for t, n in r["passthrough_types"].items()) or "none"
+    errors = "; ".join(f"block {h['block']} {h['file_rel_mse']:.4g} -> {h['refined_rel_mse']:.4g}"
+                       for h in r["heldout"])
+    print(f"refined {len(r['refined'])} tensors ({types}) of {r['blocks_refined']}/"
+          f"{r['blocks_total']} blocks: {100 * r['changed_fraction']:.2f}% of codes changed, "
+          f"{len(r['tensors_patched'])} tensors rewritten; passed through {kept}")
+    if errors:
+        print(f"held-out block output rel. MSE vs base, input -> refined: {errors}")
+    print(f"{r['file_bytes']} bytes, same tensors and types as the input -> {args.out} "
+          f"(report {report_path(args.out)})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gsq.demo import run_demo
 
@@ -309,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(sub.add_parser("eval", help="perplexity, KL and top-1 agreement"))
     _add_export_args(sub.add_parser("export", help="write a quantized directory as GGUF "
                                                    "(llama.cpp) or compressed-tensors"))
+    _add_refine_args(sub.add_parser("refine", help="refine the codes of a llama.cpp GGUF file "
+                                                   "with GSQ, same types and size"))
     demo = sub.add_parser("demo",
                           help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; print a table")
     demo.add_argument("--bits", type=_bits, default=2)
@@ -351,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "refine": cmd_refine}
     try:
         with _interrupt_on_sigterm():
             return handlers[args.command](args)

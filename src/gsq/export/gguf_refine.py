@@ -1,0 +1,598 @@
+"""`gsq refine`: GSQ on the codes of an existing llama.cpp GGUF file, written back in the same types
+(method §13.1, GGUF K-Quant refinement).
+
+Pipeline (`refine_gguf`):
+  1. read the file and each tensor's byte offset; only the `llama` architecture;
+  2. load the full-precision base model (HF id or folder, .gguf, 'smollm2-demo'), map every GGUF
+     tensor to its HF parameter (`gguf_tensor_name`) and check names, shapes and head counts;
+  3. make the in-memory model the file's model, except the linears of the blocks to refine, which
+     stay full precision until their block is done (their block gives the FP targets): embeddings,
+     norms, the output matrix and later blocks hold the file's decoded values, so each block's
+     inputs come from the already-refined prefix exactly as llama.cpp would compute them;
+  4. run the block loop (`run_quantization`) with an init provider: a block linear whose type has
+     integer codes (`REFINABLE_TYPES`) starts from the file's codes and per-sub-block (scale, min)
+     (`AffineWeight`: full relaxation for types of <= 4 codes, ±2 shifts otherwise; scales frozen,
+     or trained for Q2_K and snapped onto its 4-bit lattice). attn_q/attn_k rows are taken back from
+     llama.cpp's interleaved rotary order to HF's. Any other linear is written into its block as
+     decoded and stays fixed (passed through). The trainer keeps the best of {file, epochs} by
+     held-out hard loss, so a stage never ends worse than the file on held-out data;
+  5. encode each refined tensor in its own type (`encode_assignment`), check that it decodes to the
+     weight gsq trained and evaluated, and patch its bytes into a copy of the file: same offsets,
+     same size, every other byte (metadata, other tensors, padding) identical. The file is written
+     atomically, with a JSON report beside it (`<out>.refine.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gsq.errors import GSQError
+from gsq.export.gguf_blocks import (
+    BLOCK_TYPES,
+    Assignment,
+    decode_assignment,
+    decode_weight,
+    encode_assignment,
+)
+from gsq.export.gguf_file import (
+    GGUFTensor,
+    LlamaHParams,
+    atomic_output_file,
+    field_value,
+    gguf_tensor_name,
+    llama_hparams,
+    qk_heads,
+    read_gguf,
+)
+from gsq.quant.affine import FULL_RELAXATION_MAX_CODES, AffineWeight
+
+log = logging.getLogger(__name__)
+
+# Block types with integer codes gsq can refine; every other tensor passes through untouched.
+REFINABLE_TYPES = tuple(name for name, bt in BLOCK_TYPES.items() if bt.family != "float")
+TRAINABLE_SCALE_TYPES = ("Q2_K",)  # --scales train: the paper trains Q2_K's sub-block scales only
+SCALE_MODES = ("frozen", "train")
+PAPER_SCALE_LR = 2e-5  # Qwen GGUF Q2_K (paper Table 9)
+REPORT_SUFFIX = ".refine.json"
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass
+class RefineResult:
+    model: nn.Module  # the refined model: every weight equals the output file's decoded tensor
+    tokenizer: Any
+    report: dict
+    out: Path
+
+
+@dataclass
+class _Target:
+    """One block linear refined from the file."""
+
+    gguf_name: str
+    module: str  # full HF module name, e.g. model.layers.0.mlp.down_proj
+    tensor: GGUFTensor
+    assignment: Assignment  # in HF row order
+    heads: int | None  # rotary heads of the q/k row permutation, None for other tensors
+    record: AffineWeight
+
+
+@dataclass
+class _Plan:
+    """What happens to every tensor of the file."""
+
+    by_gguf: dict[str, str]  # GGUF tensor name -> HF parameter name (tensors with a counterpart)
+    targets: dict[str, _Target] = field(default_factory=dict)  # by HF module name
+    fixed: dict[str, Tensor] = field(default_factory=dict)  # prefix linears kept as in the file
+    passthrough: dict[str, dict] = field(default_factory=dict)  # GGUF name -> {type, reason}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def tensor_offsets(path: str | Path) -> dict[str, int]:
+    """Absolute byte offset of every tensor's data in a GGUF file (as `read_gguf` reads it)."""
+    from gguf import GGUFReader
+
+    class _Offsets(GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            self.tensors = []
+            self.offsets = {bytes(f.parts[1]).decode("utf-8"): int(start_offs + f.parts[5][0])
+                            for f in fields}
+
+    try:
+        return _Offsets(path).offsets
+    except (ValueError, IndexError, KeyError, OSError) as err:  # read_gguf has checked the file
+        raise GSQError(f"cannot read the tensor offsets of '{path}': {err}") from err
+
+
+def file_architecture(fields: dict[str, Any], path: str | Path) -> str:
+    """`general.architecture` of the file; GSQError unless gsq refine supports it."""
+    if "general.architecture" not in fields:
+        raise GSQError(f"GGUF file '{path}' has no general.architecture key")
+    arch = str(field_value(fields["general.architecture"]))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GSQError(f"GGUF file '{path}' has architecture '{arch}'; gsq refine supports "
+                       f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def decode_tensor(t: GGUFTensor) -> np.ndarray:
+    """float32 values of any tensor in `t.shape` (gsq's decoders, else gguf.quants')."""
+    import gguf
+
+    cols = t.shape[-1]
+    if t.type_name in BLOCK_TYPES:
+        values = decode_weight(t.type_name, t.data, cols)
+    else:
+        try:
+            values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType[t.type_name])
+        except (NotImplementedError, KeyError) as err:
+            raise GSQError(f"cannot decode tensor '{t.name}' of type {t.type_name}") from err
+    return np.array(values, dtype=np.float32).reshape(t.shape)  # a copy: the file is read-only
+
+
+def rotary_rows(x: np.ndarray, n_heads: int, to_hf: bool) -> np.ndarray:
+    """Reorder the rows of an `(out, ...)` array between HF's half-split rotary layout and
+    llama.cpp's interleaved one (`gguf_file.permute_rows` is the HF -> llama.cpp direction)."""
+    out = x.shape[0]
+    if out % (2 * n_heads):
+        raise GSQError(f"{out} rows cannot be split into {n_heads} heads of rotary pairs")
+    half = out // n_heads // 2
+    split = (n_heads, half, 2) if to_hf else (n_heads, 2, half)
+    return np.ascontiguousarray(x.reshape(*split, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape))
+
+
+def permute_assignment(a: Assignment, n_heads: int | None, to_hf: bool) -> Assignment:
+    """Every per-row field of `a` with its rows reordered (see `rotary_rows`); None: unchanged."""
+    if n_heads is None:
+        return a
+    fields = ("codes", "d", "dmin", "sub_scale", "sub_min")
+    return dataclasses.replace(a, **{k: rotary_rows(getattr(a, k), n_heads, to_hf)
+                                     for k in fields})
+
+
+# --------------------------------------------------------------------------------------------
+# Matching the file with the base model
+
+
+def _check_hparams(fields: dict[str, Any], hp: LlamaHParams, path: str | Path) -> None:
+    """Block and head counts of the file against the base model (the q/k permutation needs the
+    heads; shapes alone would not notice)."""
+    keys = {"llama.block_count": hp.n_layer, "llama.attention.head_count": hp.n_head,
+            "llama.attention.head_count_kv": hp.n_kv_head, "llama.embedding_length": hp.d_model}
+    for key, want in keys.items():
+        if key in fields and int(field_value(fields[key])) != want:
+            raise GSQError(f"the base model does not match '{path}': {key} is "
+                           f"{int(field_value(fields[key]))} in the file but {want} in the base")
+
+
+def match_tensors(tensors: list[GGUFTensor], model: nn.Module, hp: LlamaHParams,
+                  path: str | Path) -> dict[str, str]:
+    """GGUF name -> HF parameter name for every base parameter; GSQError naming the first tensor
+    the file lacks or whose shape differs. File tensors without a counterpart are left out."""
+    by_name = {t.name: t for t in tensors}
+    out = {}
+    for hf_name, value in model.state_dict().items():
+        if hp.tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd
+        gguf_name = gguf_tensor_name(hf_name, hp.n_layer)
+        t = by_name.get(gguf_name)
+        if t is None:
+            raise GSQError(f"the base model does not match '{path}': it has no tensor "
+                           f"'{gguf_name}' (base '{hf_name}')")
+        if tuple(t.shape) != tuple(value.shape):
+            raise GSQError(f"the base model does not match '{path}': '{gguf_name}' is "
+                           f"{list(t.shape)} in the file but {list(value.shape)} in the base")
+        out[gguf_name] = hf_name
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: refined, fixed and passed-through tensors
+
+
+def _q2k_snap(scale: Tensor) -> Tensor:
+    """Q2_K sub-block scales `(out, in/16)` onto the lattice d·k (fp16 d per 256 columns,
+    k in 0..15); scales already on it are kept (a projection, so hard_result is idempotent)."""
+    from gsq.export.gguf_lattice import snap_lattice
+
+    s = scale.detach().float().cpu().numpy()
+    t = s.reshape(s.shape[0], -1, 16)
+    fit = snap_lattice(t, 0, 15)
+    snapped = (fit.step[..., None] * fit.k).astype(np.float32).reshape(s.shape)
+    return torch.from_numpy(snapped).to(scale.device)
+
+
+def _record(a: Assignment, train_scale: bool) -> AffineWeight:
+    snap = _q2k_snap if train_scale else None
+    return AffineWeight(torch.from_numpy(a.codes.copy()), torch.from_numpy(a.scale),
+                        torch.from_numpy(a.min), a.sub_block, tuple(a.code_range), train_scale,
+                        snap)
+
+
+def _block_linears(adapter, cfg, n_blocks: int) -> tuple[list[str], set[str]]:
+    """Full names of the prefix blocks' linears, and those the block loop will ask for."""
+    from gsq.calib.sequential import active_stages
+
+    in_scope = {n for s in active_stages(adapter, cfg) for n in s.linears}
+    prefix = adapter.first_block_prefix()
+    every = [prefix.format(i=i) + n for i in range(n_blocks) for n in adapter.linear_names()]
+    asked = {prefix.format(i=i) + n for i in range(n_blocks) for n in in_scope}
+    return every, asked
+
+
+def make_plan(tensors: list[GGUFTensor], by_gguf: dict[str, str], hp: LlamaHParams, adapter,
+              cfg, n_blocks: int, scales: str) -> _Plan:
+    """Sort the file's tensors into refined targets, fixed prefix linears and pass-through."""
+    plan = _Plan(by_gguf)
+    by_hf = {hf: g for g, hf in by_gguf.items()}
+    by_name = {t.name: t for t in tensors}
+    every, asked = _block_linears(adapter, cfg, n_blocks)
+    for module in every:
+        gguf_name = by_hf[f"{module}.weight"]
+        t, heads = by_name[gguf_name], qk_heads(gguf_name, hp)
+        reason = None
+        if module not in asked:
+            reason = "outside the refined stages (--scope)"
+        elif t.type_name not in REFINABLE_TYPES:
+            reason = f"type {t.type_name} has no integer codes gsq can refine"
+        if reason is None:
+            a = permute_assignment(decode_assignment(t.type_name, t.data, t.shape[1]), heads, True)
+            train = scales == "train" and t.type_name in TRAINABLE_SCALE_TYPES
+            plan.targets[module] = _Target(gguf_name, module, t, a, heads, _record(a, train))
+        else:
+            plan.fixed[module] = _hf_values(t, heads)
+            plan.passthrough[gguf_name] = {"type": t.type_name, "reason": reason}
+    refined = {x.gguf_name for x in plan.targets.values()}
+    for t in tensors:
+        if t.name not in refined and t.name not in plan.passthrough:
+            plan.passthrough[t.name] = {"type": t.type_name, "reason": _reason(t, by_gguf)}
+    return plan
+
+
+def _reason(t: GGUFTensor, by_gguf: dict[str, str]) -> str:
+    """Why a tensor outside the refined blocks' linears passes through."""
+    if t.name not in by_gguf:
+        return "no counterpart in the base model"
+    if t.name.startswith("blk.") and len(t.shape) == 2:
+        return "block not refined (--max-blocks)"
+    return "not a block linear"
+
+
+def _hf_values(t: GGUFTensor, heads: int | None) -> Tensor:
+    """The decoded tensor in HF row order."""
+    values = decode_tensor(t)
+    return torch.from_numpy(rotary_rows(values, heads, True) if heads else values)
+
+
+def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: _Plan,
+                     hp: LlamaHParams, keep: set[str]) -> dict[str, Tensor]:
+    """Write the file's decoded values into every parameter except the prefix linears (step 3).
+
+    Returns clones of the full-precision values it replaced whose names are in `keep`."""
+    params = dict(model.named_parameters())
+    prefix_linears = {f"{m}.weight" for m in (*plan.targets, *plan.fixed)}
+    replaced = {}
+    for t in tensors:
+        hf_name = plan.by_gguf.get(t.name)
+        if hf_name is None or hf_name in prefix_linears:
+            continue
+        param = params[hf_name]
+        if hf_name in keep:
+            replaced[hf_name] = param.detach().clone()
+        values = _hf_values(t, qk_heads(t.name, hp))
+        with torch.no_grad():
+            param.copy_(values.reshape(param.shape).to(param.dtype))
+    return replaced
+
+
+def prefix_parameters(model: nn.Module, adapter, n_blocks: int) -> set[str]:
+    """Names of the parameters that feed the first `n_blocks` blocks' outputs."""
+    embeds = {id(p) for m in adapter.embedding_modules(model) for p in m.parameters()}
+    prefixes = tuple(adapter.first_block_prefix().format(i=i) for i in range(n_blocks))
+    return {name for name, p in model.named_parameters()
+            if id(p) in embeds or name.startswith(prefixes)}
+
+
+# --------------------------------------------------------------------------------------------
+# The block loop
+
+
+def make_provider(plan: _Plan):
+    """The block loop's init provider: the file's records for refined linears; fixed linears are
+    written into the block as decoded (and left out, so they are not trained)."""
+    def provide(bc, stage, names: list[str]) -> dict[str, AffineWeight]:
+        init = {}
+        for name in names:
+            module = bc.prefix + name
+            if module in plan.targets:
+                init[name] = plan.targets[module].record.to(bc.device)
+                continue
+            weight = bc.block.get_submodule(name).weight
+            with torch.no_grad():
+                weight.copy_(plan.fixed[module].to(weight.device, weight.dtype))
+        return init
+    return provide
+
+
+def refine_config(cfg, scales: str):
+    """The run's config: GSQ on every stage, no skips; group size 1 because the file's
+    sub-blocks define the groups (the block loop only checks that it divides the widths); the
+    paper's Q2_K scale lr unless one was set."""
+    from gsq.config import QuantizeConfig
+
+    if scales not in SCALE_MODES:
+        raise GSQError(f"--scales must be one of {', '.join(SCALE_MODES)}; got '{scales}'")
+    cfg = cfg or QuantizeConfig()
+    train = cfg.train
+    if scales == "train" and train.scale_lr == QuantizeConfig().train.scale_lr:
+        train = dataclasses.replace(train, scale_lr=PAPER_SCALE_LR)
+    return cfg.replace(method="gsq", group_size=1, skip=(), bits_overrides=(), train=train)
+
+
+def refine_windows(tokens: Tensor, cfg, heldout: int) -> dict[str, Tensor]:
+    """train / val / gptq windows as `calibration_windows` cuts them, plus up to `heldout` test
+    windows from what is left (none if the text is too short)."""
+    from gsq.data.calibration import cut_windows
+
+    counts = {"train": cfg.nsamples, "val": cfg.val_samples, "gptq": cfg.gptq_samples}
+    spare = tokens.numel() // cfg.seqlen - sum(counts.values())
+    counts["test"] = max(0, min(heldout, spare))
+    return cut_windows(tokens, counts, cfg.seqlen, cfg.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and writing
+
+
+def encode_target(target: _Target, record: AffineWeight) -> tuple[np.ndarray, int, int]:
+    """Bytes of the refined tensor in its own type (file row order), and how many codes and
+    sub-block scales changed.
+
+    GSQError if the bytes do not decode to exactly `record.dequantize()` (HF rows) or their size
+    differs from the original."""
+    a = target.assignment
+    codes = record.codes.cpu().numpy().astype(np.int16)
+    new = dataclasses.replace(a, codes=codes)
+    if record.train_scale:
+        new = _with_q2k_scales(new, record.scale.cpu().numpy())
+    scales_changed = int((new.sub_scale != a.sub_scale).sum())
+    data = encode_assignment(permute_assignment(new, target.heads, False))
+    t = target.tensor
+    if data.shape != t.data.shape:
+        raise GSQError(f"internal error: re-encoded '{t.name}' has shape {data.shape}, the file "
+                       f"{t.data.shape}")
+    decoded = decode_weight(t.type_name, data, t.shape[1])
+    want = record.dequantize().cpu().numpy()
+    if target.heads:
+        decoded = rotary_rows(decoded, target.heads, True)
+    if not np.array_equal(decoded, want):
+        raise GSQError(f"internal error: re-encoded '{t.name}' does not decode to gsq's weight")
+    return data, int((codes != a.codes).sum()), scales_changed
+
+
+def _with_q2k_scales(a: Assignment, scale: np.ndarray) -> Assignment:
+    """Q2_K fields d, sub_scale for snapped sub-block scales `(out, in/16)`."""
+    from gsq.export.gguf_lattice import fit_lattice
+
+    t = scale.astype(np.float32).reshape(scale.shape[0], -1, 16)
+    fit = fit_lattice(t, 0, 15)
+    if not fit.ok.all():
+        raise GSQError("internal error: trained Q2_K scales are not on the 4-bit lattice")
+    return dataclasses.replace(a, d=fit.step.astype(np.float32),
+                               sub_scale=fit.k.astype(np.int16).reshape(a.sub_scale.shape))
+
+
+def write_patched(src: Path, out: Path, patches: dict[str, np.ndarray], offsets: dict[str, int],
+                  originals: dict[str, np.ndarray], overwrite: bool) -> int:
+    """Copy `src` to `out` (atomically) with the bytes of the patched tensors replaced in place.
+
+    Each patch is checked against the bytes at its offset first (the offsets are right) and must
+    have the original's size, so the file keeps its size and layout. Returns the file size."""
+    raw = np.memmap(src, dtype=np.uint8, mode="r")
+    for name, data in patches.items():
+        start, old = offsets[name], originals[name]
+        if data.nbytes != old.nbytes or not np.array_equal(raw[start:start + old.nbytes],
+                                                           old.reshape(-1)):
+            raise GSQError(f"internal error: tensor '{name}' is not where the file says")
+    del raw
+    with atomic_output_file(out, overwrite) as tmp:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "r+b") as f:
+            for name, data in sorted(patches.items(), key=lambda kv: offsets[kv[0]]):
+                f.seek(offsets[name])
+                f.write(np.ascontiguousarray(data).tobytes())
+        size = tmp.stat().st_size
+        if size != src.stat().st_size:
+            raise GSQError(f"internal error: the refined file has {size} bytes, the input "
+                           f"{src.stat().st_size}")
+    return size
+
+
+def write_report(path: Path, report: dict) -> None:
+    """JSON beside the output, written under a temporary name and renamed."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.resolve().parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(name, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out block errors: the file vs the refined model, against the full-precision model
+
+
+@contextmanager
+def _swapped(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """Parameters temporarily replaced by `values` (by name)."""
+    params = dict(model.named_parameters())
+    saved = {name: params[name].data for name in values}
+    try:
+        for name, value in values.items():
+            params[name].data = value.to(params[name].dtype)
+        yield
+    finally:
+        for name, value in saved.items():
+            params[name].data = value
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, adapter, ids: Tensor, n_blocks: int, device: torch.device,
+                  micro: int) -> list[Tensor]:
+    """Hidden states after each of the first `n_blocks` blocks for windows `ids` `(N, T)`, each
+    `(N, T, hidden)` on the host; modules visit `device` one at a time and go back to the host."""
+    from gsq.calib.capture import capture_block_context, capture_block_inputs
+    from gsq.calib.objectives import map_batches
+
+    embeds = adapter.embedding_modules(model)
+    for module in embeds:
+        module.to(device)
+    try:
+        ctx = capture_block_context(model, adapter, ids.shape[1], device)
+        h = capture_block_inputs(model, adapter, ids, device, micro)
+    finally:
+        for module in embeds:
+            module.to("cpu")
+    outs = []
+    for block in list(adapter.blocks(model))[:n_blocks]:
+        block.to(device)
+        h = map_batches(lambda x, b=block: adapter.block_forward(b, x, ctx), h, micro, device)
+        block.to("cpu")
+        outs.append(h.cpu())
+    return outs
+
+
+def heldout_errors(model, adapter, ids: Tensor, plan: _Plan, fp: dict[str, Tensor],
+                   n_blocks: int, device: torch.device, micro: int) -> list[dict]:
+    """Per refined block: relative MSE of its output against the FP model's on held-out windows
+    `ids`, for the input file and the refined model (each through its own prefix). `fp`: the
+    full-precision values of the prefix parameters (`prefix_parameters`)."""
+    file_values = {f"{m}.weight": x.record.dequantize() for m, x in plan.targets.items()}
+    refined = block_outputs(model, adapter, ids, n_blocks, device, micro)
+    with _swapped(model, file_values):
+        original = block_outputs(model, adapter, ids, n_blocks, device, micro)
+    with _swapped(model, fp):
+        full = block_outputs(model, adapter, ids, n_blocks, device, micro)
+    rows = []
+    for i, (r, o, f) in enumerate(zip(refined, original, full, strict=True)):
+        norm = float((f.double() ** 2).mean()) or 1.0
+        rows.append({"block": i, "file_rel_mse": float(((o - f).double() ** 2).mean()) / norm,
+                     "refined_rel_mse": float(((r - f).double() ** 2).mean()) / norm})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def report_path(out: str | Path) -> Path:
+    """Where the JSON report of a refined file goes: `<out>.refine.json`."""
+    return Path(str(out) + REPORT_SUFFIX)
+
+
+def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
+                calib: str | None = None, scales: str = "frozen", device: str | None = "cpu",
+                progress: bool = True, overwrite: bool = False,
+                heldout_samples: int | None = None) -> RefineResult:
+    """Refine the codes of the llama.cpp GGUF file `quantized` with GSQ against the
+    full-precision `base` model and write them, in the same tensor types, to `out`.
+
+    cfg: budget and schedule (`QuantizeConfig`, e.g. `cpu_preset()`; bits and group size are
+    ignored), calib: calibration text (`gsq quantize --calib`), scales: "frozen" (default) or
+    "train" (Q2_K sub-block scales trained and re-encoded on their 4-bit lattice).
+    heldout_samples: windows beyond train/val/gptq on which the block outputs of the file and of
+    the refined model are compared with the FP model (default: cfg.val_samples; 0 = skip).
+    Returns the refined model (equal to the output file weight for weight) and the report, also
+    written to `<out>.refine.json`.
+    """
+    from gsq.api import calibration_tokens, load_any_model, resolve_device
+    from gsq.calib.sequential import run_quantization
+    from gsq.io.quantized_dir import check_output_path
+    from gsq.models.registry import adapter_for
+
+    t0 = time.perf_counter()
+    src, out = Path(quantized), Path(out)
+    check_output_path(out, overwrite)
+    if out.resolve() == src.resolve():
+        raise GSQError("--out must be another file than the input GGUF")
+    cfg, dev = refine_config(cfg, scales), resolve_device(device)
+    fields, tensors = read_gguf(src)
+    file_architecture(fields, src)
+    offsets = tensor_offsets(src)
+    model, tokenizer = load_any_model(base)
+    hp = llama_hparams(model.config)
+    adapter = adapter_for(model.config.model_type)
+    _check_hparams(fields, hp, src)
+    n_blocks = min(hp.n_layer, cfg.max_blocks or hp.n_layer)
+    plan = make_plan(tensors, match_tensors(tensors, model, hp, src), hp, adapter, cfg, n_blocks,
+                     scales)
+    windows = refine_windows(calibration_tokens(tokenizer, calib), cfg,
+                             cfg.val_samples if heldout_samples is None else heldout_samples)
+    test = windows.pop("test")
+    keep = prefix_parameters(model, adapter, n_blocks) if len(test) else set()
+    fp = load_file_values(model, tensors, plan, hp, keep)
+    fp.update({f"{m}.weight": model.get_submodule(m).weight.detach().clone()
+               for m in (*plan.targets, *plan.fixed) if len(test)})
+    records, run = run_quantization(model, adapter, windows, cfg, dev, progress,
+                                    init_provider=make_provider(plan))
+    model.to("cpu")
+    patches, refined = {}, {}
+    for module, target in plan.targets.items():
+        data, changed, scales_changed = encode_target(target, records[module])
+        if changed or scales_changed:
+            patches[target.gguf_name] = data
+        refined[target.gguf_name] = _tensor_entry(target, changed, scales_changed)
+    heldout = (heldout_errors(model, adapter, test, plan, fp, n_blocks, dev,
+                              cfg.train.micro_batch_size) if len(test) else [])
+    size = write_patched(src, out, patches, offsets,
+                         {x.gguf_name: x.tensor.data for x in plan.targets.values()}, overwrite)
+    report = _report(src, base, out, size, cfg, scales, plan, refined, patches, heldout, run,
+                     time.perf_counter() - t0)
+    write_report(report_path(out), report)
+    log.info("refined %d tensors of %d/%d blocks (%d patched), passed %d through -> %s",
+             len(refined), n_blocks, hp.n_layer, len(patches), len(plan.passthrough), out)
+    return RefineResult(model, tokenizer, report, out)
+
+
+def _tensor_entry(target: _Target, changed: int, scales_changed: int) -> dict:
+    levels = target.record.levels
+    return {"module": target.module, "type": target.tensor.type_name,
+            "relaxation": "full" if levels <= FULL_RELAXATION_MAX_CODES else "shift",
+            "scales": "trained" if target.record.train_scale else "frozen",
+            "codes": int(target.record.codes.numel()), "changed_codes": changed,
+            "changed_fraction": changed / max(target.record.codes.numel(), 1),
+            "changed_sub_scales": scales_changed}
+
+
+def _report(src, base, out, size, cfg, scales, plan, refined, patches, heldout, run,
+            seconds) -> dict:
+    changed = sum(r["changed_codes"] for r in refined.values())
+    codes = sum(r["codes"] for r in refined.values())
+    return {
+        "input": str(src), "base": str(base), "out": str(out), "file_bytes": size,
+        "scales": scales, "blocks_refined": run["blocks_quantized"],
+        "blocks_total": run["blocks_total"],
+        "refined_types": dict(sorted(Counter(r["type"] for r in refined.values()).items())),
+        "passthrough_types": dict(sorted(Counter(p["type"] for p in
+                                                 plan.passthrough.values()).items())),
+        "changed_codes": changed, "changed_fraction": changed / codes if codes else 0.0,
+        "tensors_patched": sorted(patches), "refined": refined, "passthrough": plan.passthrough,
+        "heldout": heldout, "config": cfg.to_dict(), "run": run, "seconds": seconds,
+    }
