@@ -4,8 +4,11 @@ TEXT ?= ../shared/data/wikitext2-test.raw
 
 .PHONY: install demo test quality
 
+# llama-cpp-python (a dev/verify dependency, the real llama.cpp client for GGUF checks) compiles
+# llama.cpp from its sdist; its multimodal library is not needed.
 install:
-	$(PY) -m pip install --quiet -e ".[dev]"
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+		$(PY) -m pip install --quiet -e ".[dev]"
 
 demo: install
 	$(PY) -m gsq.cli demo --bits 2 --group-size 64 --text $(TEXT)
