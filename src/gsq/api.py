@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gsq.calib.sequential import run_quantization
+from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.io.quantized_dir import check_output_path, is_quantized_dir, load_quantized, save_quantized
@@ -72,8 +72,10 @@ def calibration_windows(tokens: torch.Tensor, cfg: QuantizeConfig) -> dict[str, 
 
 
 def bits_per_parameter(records: dict[str, QuantizedWeight]) -> float:
-    """(code bits + 16 per group) / weights, over the quantized tensors only (method §13)."""
-    bits = sum(qw.spec.code_bits * qw.codes.numel() + 16 * qw.scale.numel()
+    """(code bits + 16 per group) / weights, over the quantized tensors only (method §13); a
+    tensor with a GGUF target counts that type's bits per weight."""
+    bits = sum(qw.spec.bpp * qw.codes.numel() if qw.spec.target else
+               qw.spec.code_bits * qw.codes.numel() + 16 * qw.scale.numel()
                for qw in records.values())
     numel = sum(qw.codes.numel() for qw in records.values())
     return bits / numel if numel else float("nan")
@@ -120,8 +122,31 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
         "quantize_seconds": time.perf_counter() - t0,
         "device": str(device),
         **peak_memory(device),
+        **target_report(cfg, records),
     })
     return records, report
+
+
+def target_report(cfg: QuantizeConfig, records: dict[str, QuantizedWeight]) -> dict:
+    """With a GGUF target: the target, the tensor count per type, and the tensors that got the
+    fallback type because their rows are not whole blocks of the target (module -> type)."""
+    if cfg.target is None:
+        return {}
+    types: dict[str, int] = {}
+    for qw in records.values():
+        types[qw.spec.target] = types.get(qw.spec.target, 0) + 1
+    fallback = {name: qw.spec.target for name, qw in records.items()
+                if qw.spec.target != cfg.target}
+    return {"target": cfg.target, "target_types": types, "fallback": fallback}
+
+
+def check_module_specs(model: torch.nn.Module, adapter, cfg: QuantizeConfig) -> None:
+    """The spec of every linear the run will quantize (group size dividing its width, a GGUF
+    target's fallback), so that such errors come before any calibration work."""
+    for index, block in enumerate(adapter.blocks(model)[: cfg.max_blocks]):
+        prefix = adapter.first_block_prefix().format(i=index)
+        for stage in active_stages(adapter, cfg):
+            stage_specs(cfg, stage, prefix, block)
 
 
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
@@ -133,7 +158,8 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     if out is not None:
         check_output_path(out, overwrite)
     model, tokenizer = load_any_model(model_source)
-    adapter_for(model.config.model_type)  # fail on an unsupported architecture before tokenizing
+    # fail on an unsupported architecture or a spec that cannot apply before tokenizing
+    check_module_specs(model, adapter_for(model.config.model_type), cfg)
     tokens = calibration_tokens(tokenizer, calib)
     records, report = quantize_model(model, tokenizer, cfg, tokens, dev, progress)
     report.update({"model": model_source, "wall_seconds": time.perf_counter() - t0})

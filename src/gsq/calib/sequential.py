@@ -82,10 +82,10 @@ def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str,
     """The linears of `stage` to quantize in this block, with their specs (skips removed)."""
     specs = {}
     for name in stage.linears:
-        spec = cfg.spec_for(prefix + name)
+        width = block.get_submodule(name).in_features
+        spec = cfg.spec_for(prefix + name, width)  # a GGUF target may fall back on odd widths
         if spec is None:
             continue
-        width = block.get_submodule(name).in_features
         if width % spec.group_size != 0:
             raise GSQError(f"group size {spec.group_size} does not divide the input width {width} "
                            f"of {prefix + name}")

@@ -26,6 +26,15 @@ def _bits(value: str):
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _target(value: str) -> str:
+    from gsq.quant.target import parse_target
+
+    try:
+        return parse_target(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -52,8 +61,18 @@ def _offload_choice(args) -> bool | None:
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face id or directory, a .gguf file, or 'smollm2-demo'")
     p.add_argument("--method", choices=("gsq", "gptq", "rtn"), default="gsq")
-    p.add_argument("--bits", type=_bits, default=2, help="2, 3, 4 or ternary")
-    p.add_argument("--group-size", type=_positive, default=128)
+    p.add_argument("--bits", type=_bits, default=None,
+                   help="2, 3, 4 or ternary (default 2, or the one --target implies)")
+    p.add_argument("--group-size", type=_positive, default=None,
+                   help="columns per scale (default 128, or the one --target implies)")
+    p.add_argument("--target", type=_target, default=None, metavar="gguf:TYPE",
+                   help="optimise under a GGUF type's own constraints (code grid, scale unit, "
+                        "scale lattice) so `gsq export --format gguf` writes exactly the evaluated "
+                        "model: Q2_K (2-bit g16), Q3_K (3-bit g16), Q4_K (4-bit g32), Q4_0 (4-bit "
+                        "g32), Q2_0 (2-bit g64), TQ2_0 / TQ1_0 (ternary g256)")
+    p.add_argument("--fallback", type=_target, default=None, metavar="gguf:TYPE",
+                   help="with --target: type of tensors whose rows are not whole blocks of it "
+                        "(K/TQ types need widths divisible by 256; default Q4_0, as llama.cpp)")
     p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
                    help="budget defaults that the flags below override (default: cpu)")
     p.add_argument("--calib", default=None,
@@ -115,13 +134,26 @@ def build_config(args: argparse.Namespace):
         "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
         "max_blocks": args.max_blocks}.items() if v is not None}
     try:
-        return base.replace(
-            method=args.method, bits=args.bits, group_size=args.group_size, init=args.init,
+        cfg = base.replace(
+            method=args.method, bits=2 if args.bits is None else args.bits,
+            group_size=args.group_size or 128, init=args.init,
             scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
             seed=args.seed, offload_activations=_offload_choice(args),
             train=dataclasses.replace(base.train, **train_changes), **changes)
+        return _with_target(cfg, args)
     except ValueError as err:
         raise GSQError(str(err)) from err
+
+
+def _with_target(cfg, args: argparse.Namespace):
+    """`--target` implies bits and group size unless they are given (then they must fit it)."""
+    if args.target is None:
+        if args.fallback is not None:
+            raise GSQError("--fallback needs --target")
+        return cfg
+    if args.bits_override:
+        raise GSQError("--bits-override cannot be combined with --target")
+    return cfg.targeting(args.target, args.fallback, args.bits, args.group_size)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -132,11 +164,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize(args.model, cfg, calib=args.calib, out=args.out, device=args.device,
                       progress=not args.quiet, overwrite=args.overwrite)
     r = result.report
-    spec = QuantSpec(cfg.bits, cfg.group_size)
+    spec = QuantSpec(cfg.bits, cfg.group_size, cfg.target)
     print(f"quantized {r['quantized_tensors']} tensors of "
           f"{r['blocks_quantized']}/{r['blocks_total']} "
           f"blocks with {cfg.method} {spec.label}: {r['bpp']:.3f} bpp, "
           f"{r['wall_seconds']:.1f} s -> {args.out}")
+    if r.get("fallback"):
+        types = ", ".join(f"{n} {t}" for t, n in r["target_types"].items())
+        print(f"GGUF types: {types}; {len(r['fallback'])} tensors whose rows are not whole "
+              f"{cfg.target} blocks use the fallback: {', '.join(sorted(r['fallback']))}")
     return 0
 
 

@@ -319,9 +319,10 @@ def plan_tensors(float_weights: dict[str, tuple[tuple[int, ...], Callable[[], to
 
     float_weights: HF parameter name -> (shape, loader) of the checkpoint's tensors; records: the
     quantized linears by module name (their float copies in the checkpoint are not used).
-    Quantized linears get `default_type(qw)`, 1-D tensors F32, other tensors `float_type`; an
-    override (fnmatch pattern -> type, last match wins) applies to the module name, the HF name
-    or the GGUF name.
+    Quantized linears get the GGUF type they were quantized for (`qw.spec.target`, see
+    `gsq quantize --target`) or else `default_type(qw)`, 1-D tensors F32, other tensors
+    `float_type`; an override (fnmatch pattern -> type, last match wins) applies to the module
+    name, the HF name or the GGUF name.
     """
     from gsq.export.gguf_blocks import default_type
 
@@ -335,7 +336,8 @@ def plan_tensors(float_weights: dict[str, tuple[tuple[int, ...], Callable[[], to
         gguf_name = gguf_tensor_name(hf_name, hp.n_layer)
         record = records.get(hf_name.removesuffix(".weight"))
         if record is not None:
-            planned.append(PlannedTensor(gguf_name, hf_name, shape, default_type(record), record))
+            qtype = record.spec.target or default_type(record)
+            planned.append(PlannedTensor(gguf_name, hf_name, shape, qtype, record))
         else:
             qtype = "F32" if len(shape) == 1 else float_type
             planned.append(PlannedTensor(gguf_name, hf_name, shape, qtype,

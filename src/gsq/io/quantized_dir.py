@@ -5,9 +5,11 @@ Layout:
       a plain Hugging Face checkpoint whose quantized linears hold the dequantized
       weights W_r = s·codes
   gsq_codes.safetensors
-      "<module>.codes" int8 (out, in) and "<module>.scale" bfloat16 (out, in / group_size)
+      "<module>.codes" int8 (out, in) and "<module>.scale" bfloat16 (out, in / group_size);
+      float32 scales for modules with a GGUF target (lattice values d*k need not be bf16 values)
   gsq_config.json
-      format version, the run's config, and per module: bits, group size, shape
+      format version, the run's config, and per module: bits, group size, shape (and the GGUF
+      target type, when there is one)
   report.json
       per block/stage losses and times; totals
 The directory is written under a temporary name next to the target and renamed at the end, so an
@@ -74,9 +76,17 @@ def _records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.
     tensors = {}
     for name, qw in records.items():
         tensors[f"{name}.codes"] = qw.codes.to(torch.int8).contiguous().cpu()
-        # exact: the scales lie on the bf16 grid
-        tensors[f"{name}.scale"] = qw.scale.to(torch.bfloat16).contiguous().cpu()
+        # exact: the scales lie on the bf16 grid, or on a target's lattice (kept in fp32)
+        dtype = torch.float32 if qw.spec.target else torch.bfloat16
+        tensors[f"{name}.scale"] = qw.scale.to(dtype).contiguous().cpu()
     return tensors
+
+
+def _module_meta(qw: QuantizedWeight) -> dict:
+    meta = {"bits": qw.spec.bits, "group_size": qw.spec.group_size, "shape": list(qw.shape)}
+    if qw.spec.target:
+        meta["target"] = qw.spec.target
+    return meta
 
 
 def save_quantized(out: str | Path, model: nn.Module, tokenizer,
@@ -87,8 +97,7 @@ def save_quantized(out: str | Path, model: nn.Module, tokenizer,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": config,
-        "modules": {name: {"bits": qw.spec.bits, "group_size": qw.spec.group_size,
-                           "shape": list(qw.shape)} for name, qw in records.items()},
+        "modules": {name: _module_meta(qw) for name, qw in records.items()},
     }
     with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -113,7 +122,7 @@ def load_records(path: str | Path) -> dict[str, QuantizedWeight]:
             f"'{path}' is not a gsq quantized directory of format version {FORMAT_VERSION}")
     records = {}
     for name, info in meta["modules"].items():
-        spec = QuantSpec(parse_bits(info["bits"]), int(info["group_size"]))
+        spec = QuantSpec(parse_bits(info["bits"]), int(info["group_size"]), info.get("target"))
         records[name] = QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"].float(),
                                         spec)
     return records
