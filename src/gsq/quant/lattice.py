@@ -122,9 +122,9 @@ class KLattice:
         x = x.float()
         cols = slice(first, first + x.shape[1])
         step, kmin, kmax = (t[:, cols].to(x.device) for t in (self.step, self.kmin, self.kmax))
-        ks = torch.arange(int(kmin.min()), int(kmax.max()) + 1, device=x.device,
-                          dtype=torch.float32)
-        ks = ks[ks != 0].view(-1, 1, 1)  # (C, 1, 1)
+        lo, hi = target_type(self.spec.target).k_range  # the type's range: no host sync
+        ks = torch.tensor([k for k in range(lo, hi + 1) if k], device=x.device,
+                          dtype=torch.float32).view(-1, 1, 1)  # (C, 1, 1)
         chunk = max(1, max_elements // max(x.numel(), 1))
         errors = []
         for k in ks.split(chunk):
