@@ -271,7 +271,7 @@ def test_unsupported_architecture(files, tmp_path):
         refine_gguf(path, str(files["base"]), tmp_path / "o.gguf")
 
 
-def test_base_model_whose_shapes_do_not_match(files, tiny_llama, tmp_path):
+def test_base_model_whose_shapes_or_architecture_do_not_match(files, tiny_llama, tmp_path):
     other = tiny_llama(0, vocab_size=len(files["tokenizer"]), hidden_size=256,
                        intermediate_size=768)
     other.save_pretrained(tmp_path / "other")
@@ -279,6 +279,12 @@ def test_base_model_whose_shapes_do_not_match(files, tiny_llama, tmp_path):
     want = r"does not match .*'blk.0.ffn_gate.weight' is \[512, 256\] in the file but \[768, 256\]"
     with pytest.raises(GSQError, match=want):
         refine_gguf(files["Q4_0"], str(tmp_path / "other"), tmp_path / "o.gguf")
+    biased = tiny_llama(0, vocab_size=len(files["tokenizer"]), hidden_size=256,
+                        intermediate_size=512, mlp_bias=True)
+    biased.save_pretrained(tmp_path / "biased")
+    files["tokenizer"].save_pretrained(tmp_path / "biased")
+    with pytest.raises(GSQError, match="base model .*biases"):
+        refine_gguf(files["Q4_0"], str(tmp_path / "biased"), tmp_path / "o.gguf")
 
 
 def test_empty_calibration_and_bad_outputs(files, tmp_path, capsys):

@@ -82,15 +82,29 @@ class RefineResult:
 
 
 @dataclass
-class _Target:
-    """One block linear refined from the file."""
+class _Linear:
+    """One linear of a refined block, read from the file on demand (one block in memory)."""
 
     gguf_name: str
     module: str  # full HF module name, e.g. model.layers.0.mlp.down_proj
     tensor: GGUFTensor
-    assignment: Assignment  # in HF row order
     heads: int | None  # rotary heads of the q/k row permutation, None for other tensors
-    record: AffineWeight
+    refine: bool  # False: passed through (its decoded values are fixed in the block)
+    train_scale: bool = False
+
+    def assignment(self) -> Assignment:
+        """The file's codes and affine maps, rows in HF order."""
+        t = self.tensor
+        return permute_assignment(decode_assignment(t.type_name, t.data, t.shape[1]), self.heads,
+                                  True)
+
+    def record(self) -> AffineWeight:
+        """The initial record of a refined linear (the file's assignment)."""
+        return _record(self.assignment(), self.train_scale)
+
+    def values(self) -> Tensor:
+        """The decoded weight `(out, in)` in HF row order."""
+        return _hf_values(self.tensor, self.heads)
 
 
 @dataclass
@@ -98,9 +112,16 @@ class _Plan:
     """What happens to every tensor of the file."""
 
     by_gguf: dict[str, str]  # GGUF tensor name -> HF parameter name (tensors with a counterpart)
-    targets: dict[str, _Target] = field(default_factory=dict)  # by HF module name
-    fixed: dict[str, Tensor] = field(default_factory=dict)  # prefix linears kept as in the file
+    linears: dict[str, _Linear] = field(default_factory=dict)  # the refined blocks', by module
     passthrough: dict[str, dict] = field(default_factory=dict)  # GGUF name -> {type, reason}
+
+    @property
+    def targets(self) -> dict[str, _Linear]:
+        return {m: x for m, x in self.linears.items() if x.refine}
+
+    def block(self, prefix: str) -> dict[str, _Linear]:
+        """The linears of one block by their name in it (e.g. 'mlp.up_proj')."""
+        return {m.removeprefix(prefix): x for m, x in self.linears.items() if m.startswith(prefix)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +243,12 @@ def _q2k_snap(scale: Tensor) -> Tensor:
 
 
 def _record(a: Assignment, train_scale: bool) -> AffineWeight:
+    """AffineWeight of an assignment; int8 codes where the type's range fits (every type gsq
+    refines does)."""
     snap = _q2k_snap if train_scale else None
-    return AffineWeight(torch.from_numpy(a.codes.copy()), torch.from_numpy(a.scale),
+    lo, hi = a.code_range
+    codes = a.codes.astype(np.int8 if lo >= -128 and hi <= 127 else np.int16)
+    return AffineWeight(torch.from_numpy(codes), torch.from_numpy(a.scale),
                         torch.from_numpy(a.min), a.sub_block, tuple(a.code_range), train_scale,
                         snap)
 
@@ -248,18 +273,16 @@ def make_plan(tensors: list[GGUFTensor], by_gguf: dict[str, str], hp: LlamaHPara
     every, asked = _block_linears(adapter, cfg, n_blocks)
     for module in every:
         gguf_name = by_hf[f"{module}.weight"]
-        t, heads = by_name[gguf_name], qk_heads(gguf_name, hp)
+        t = by_name[gguf_name]
         reason = None
         if module not in asked:
             reason = "outside the refined stages (--scope)"
         elif t.type_name not in REFINABLE_TYPES:
             reason = f"type {t.type_name} has no integer codes gsq can refine"
-        if reason is None:
-            a = permute_assignment(decode_assignment(t.type_name, t.data, t.shape[1]), heads, True)
-            train = scales == "train" and t.type_name in TRAINABLE_SCALE_TYPES
-            plan.targets[module] = _Target(gguf_name, module, t, a, heads, _record(a, train))
-        else:
-            plan.fixed[module] = _hf_values(t, heads)
+        train = scales == "train" and t.type_name in TRAINABLE_SCALE_TYPES
+        plan.linears[module] = _Linear(gguf_name, module, t, qk_heads(gguf_name, hp),
+                                       reason is None, train)
+        if reason is not None:
             plan.passthrough[gguf_name] = {"type": t.type_name, "reason": reason}
     refined = {x.gguf_name for x in plan.targets.values()}
     for t in tensors:
@@ -284,32 +307,21 @@ def _hf_values(t: GGUFTensor, heads: int | None) -> Tensor:
 
 
 def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: _Plan,
-                     hp: LlamaHParams, keep: set[str]) -> dict[str, Tensor]:
-    """Write the file's decoded values into every parameter except the prefix linears (step 3).
-
-    Returns clones of the full-precision values it replaced whose names are in `keep`."""
+                     hp: LlamaHParams) -> None:
+    """Write the file's decoded values into every parameter except the refined blocks' linears,
+    which keep their full-precision values for the targets (step 3)."""
     params = dict(model.named_parameters())
-    prefix_linears = {f"{m}.weight" for m in (*plan.targets, *plan.fixed)}
-    replaced = {}
+    keep = {f"{m}.weight" for m in plan.linears}
     for t in tensors:
         hf_name = plan.by_gguf.get(t.name)
-        if hf_name is None or hf_name in prefix_linears:
+        if hf_name is None or hf_name in keep:
             continue
-        param = params[hf_name]
-        if hf_name in keep:
-            replaced[hf_name] = param.detach().clone()
+        param = params.get(hf_name)
+        if param is None:  # a buffer, or a tied duplicate
+            continue
         values = _hf_values(t, qk_heads(t.name, hp))
         with torch.no_grad():
             param.copy_(values.reshape(param.shape).to(param.dtype))
-    return replaced
-
-
-def prefix_parameters(model: nn.Module, adapter, n_blocks: int) -> set[str]:
-    """Names of the parameters that feed the first `n_blocks` blocks' outputs."""
-    embeds = {id(p) for m in adapter.embedding_modules(model) for p in m.parameters()}
-    prefixes = tuple(adapter.first_block_prefix().format(i=i) for i in range(n_blocks))
-    return {name for name, p in model.named_parameters()
-            if id(p) in embeds or name.startswith(prefixes)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,18 +329,18 @@ def prefix_parameters(model: nn.Module, adapter, n_blocks: int) -> set[str]:
 
 
 def make_provider(plan: _Plan):
-    """The block loop's init provider: the file's records for refined linears; fixed linears are
-    written into the block as decoded (and left out, so they are not trained)."""
+    """The block loop's init provider: the file's records for refined linears; passed-through
+    linears are written into the block as decoded (and left out, so they are not trained)."""
     def provide(bc, stage, names: list[str]) -> dict[str, AffineWeight]:
         init = {}
         for name in names:
-            module = bc.prefix + name
-            if module in plan.targets:
-                init[name] = plan.targets[module].record.to(bc.device)
+            linear = plan.linears[bc.prefix + name]
+            if linear.refine:
+                init[name] = linear.record().to(bc.device)
                 continue
             weight = bc.block.get_submodule(name).weight
             with torch.no_grad():
-                weight.copy_(plan.fixed[module].to(weight.device, weight.dtype))
+                weight.copy_(linear.values().to(weight.device, weight.dtype))
         return init
     return provide
 
@@ -363,13 +375,13 @@ def refine_windows(tokens: Tensor, cfg, heldout: int) -> dict[str, Tensor]:
 # Encoding and writing
 
 
-def encode_target(target: _Target, record: AffineWeight) -> tuple[np.ndarray, int, int]:
+def encode_target(target: _Linear, record: AffineWeight) -> tuple[np.ndarray, int, int]:
     """Bytes of the refined tensor in its own type (file row order), and how many codes and
     sub-block scales changed.
 
     GSQError if the bytes do not decode to exactly `record.dequantize()` (HF rows) or their size
     differs from the original."""
-    a = target.assignment
+    a = target.assignment()
     codes = record.codes.cpu().numpy().astype(np.int16)
     new = dataclasses.replace(a, codes=codes)
     if record.train_scale:
@@ -387,6 +399,18 @@ def encode_target(target: _Target, record: AffineWeight) -> tuple[np.ndarray, in
     if not np.array_equal(decoded, want):
         raise GSQError(f"internal error: re-encoded '{t.name}' does not decode to gsq's weight")
     return data, int((codes != a.codes).sum()), scales_changed
+
+
+def encode_all(plan: _Plan, records: dict[str, AffineWeight]) -> tuple[dict, dict]:
+    """Bytes of every refined tensor whose codes or scales changed (by GGUF name), and the
+    report entry of every refined tensor."""
+    patches, entries = {}, {}
+    for module, target in plan.targets.items():
+        data, changed, scales_changed = encode_target(target, records[module])
+        if changed or scales_changed:
+            patches[target.gguf_name] = data
+        entries[target.gguf_name] = _tensor_entry(target, changed, scales_changed)
+    return patches, entries
 
 
 def _with_q2k_scales(a: Assignment, scale: np.ndarray) -> Assignment:
@@ -440,24 +464,25 @@ def write_report(path: Path, report: dict) -> None:
 
 
 @contextmanager
-def _swapped(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
-    """Parameters temporarily replaced by `values` (by name)."""
-    params = dict(model.named_parameters())
-    saved = {name: params[name].data for name in values}
+def _swapped(module: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """Weights of `module`'s linears temporarily replaced by `values` (by linear name)."""
+    saved = {name: module.get_submodule(name).weight.data for name in values}
     try:
         for name, value in values.items():
-            params[name].data = value.to(params[name].dtype)
+            weight = module.get_submodule(name).weight
+            weight.data = value.to(weight.device, weight.dtype)
         yield
     finally:
         for name, value in saved.items():
-            params[name].data = value
+            module.get_submodule(name).weight.data = value
 
 
 @torch.no_grad()
 def block_outputs(model: nn.Module, adapter, ids: Tensor, n_blocks: int, device: torch.device,
-                  micro: int) -> list[Tensor]:
+                  micro: int, swap=None) -> Iterator[Tensor]:
     """Hidden states after each of the first `n_blocks` blocks for windows `ids` `(N, T)`, each
-    `(N, T, hidden)` on the host; modules visit `device` one at a time and go back to the host."""
+    `(N, T, hidden)` on the host, one block at a time (modules visit `device` and come back).
+    swap(i) -> {linear name: weight} replaces block i's linears while it runs."""
     from gsq.calib.capture import capture_block_context, capture_block_inputs
     from gsq.calib.objectives import map_batches
 
@@ -466,36 +491,43 @@ def block_outputs(model: nn.Module, adapter, ids: Tensor, n_blocks: int, device:
         module.to(device)
     try:
         ctx = capture_block_context(model, adapter, ids.shape[1], device)
-        h = capture_block_inputs(model, adapter, ids, device, micro)
+        h = capture_block_inputs(model, adapter, ids, device, micro).cpu()
     finally:
         for module in embeds:
             module.to("cpu")
-    outs = []
-    for block in list(adapter.blocks(model))[:n_blocks]:
-        block.to(device)
-        h = map_batches(lambda x, b=block: adapter.block_forward(b, x, ctx), h, micro, device)
-        block.to("cpu")
-        outs.append(h.cpu())
-    return outs
+    for i, block in enumerate(list(adapter.blocks(model))[:n_blocks]):
+        with _swapped(block, swap(i) if swap else {}):
+            block.to(device)
+            h = map_batches(lambda x, b=block: adapter.block_forward(b, x, ctx), h, micro, device)
+            block.to("cpu")
+        yield h
 
 
-def heldout_errors(model, adapter, ids: Tensor, plan: _Plan, fp: dict[str, Tensor],
-                   n_blocks: int, device: torch.device, micro: int) -> list[dict]:
-    """Per refined block: relative MSE of its output against the FP model's on held-out windows
-    `ids`, for the input file and the refined model (each through its own prefix). `fp`: the
-    full-precision values of the prefix parameters (`prefix_parameters`)."""
-    file_values = {f"{m}.weight": x.record.dequantize() for m, x in plan.targets.items()}
-    refined = block_outputs(model, adapter, ids, n_blocks, device, micro)
-    with _swapped(model, file_values):
-        original = block_outputs(model, adapter, ids, n_blocks, device, micro)
-    with _swapped(model, fp):
-        full = block_outputs(model, adapter, ids, n_blocks, device, micro)
-    rows = []
-    for i, (r, o, f) in enumerate(zip(refined, original, full, strict=True)):
-        norm = float((f.double() ** 2).mean()) or 1.0
-        rows.append({"block": i, "file_rel_mse": float(((o - f).double() ** 2).mean()) / norm,
-                     "refined_rel_mse": float(((r - f).double() ** 2).mean()) / norm})
-    return rows
+def _rel_mse(x: Tensor, ref: Tensor) -> float:
+    return float(((x - ref).double() ** 2).mean()) / (float((ref.double() ** 2).mean()) or 1.0)
+
+
+class HeldOut:
+    """Block outputs on held-out windows: the FP model's are kept (one `(N, T, hidden)` tensor a
+    block), the input file's and the refined model's are compared with them as they come."""
+
+    def __init__(self, model, adapter, ids: Tensor, n_blocks: int, device, micro: int) -> None:
+        self.args = (model, adapter, ids, n_blocks, device, micro)
+        self.full = list(block_outputs(*self.args))  # run before the file values are loaded
+
+    def errors(self, swap=None) -> list[float]:
+        """Relative MSE against the FP outputs, per block, of the model as it is now (with
+        `swap`, see `block_outputs`)."""
+        return [_rel_mse(h, f) for h, f in zip(block_outputs(*self.args, swap=swap), self.full,
+                                               strict=True)]
+
+
+def file_swap(plan: _Plan, adapter):
+    """swap(i) for `block_outputs`: block i's linears as the input file has them."""
+    def swap(i: int) -> dict[str, Tensor]:
+        prefix = adapter.first_block_prefix().format(i=i)
+        return {name: x.values() for name, x in plan.block(prefix).items()}
+    return swap
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +569,10 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     file_architecture(fields, src)
     offsets = tensor_offsets(src)
     model, tokenizer = load_any_model(base)
-    hp = llama_hparams(model.config)
+    try:
+        hp = llama_hparams(model.config)
+    except GSQError as err:
+        raise GSQError(f"base model '{base}': {err}") from None
     adapter = adapter_for(model.config.model_type)
     _check_hparams(fields, hp, src)
     n_blocks = min(hp.n_layer, cfg.max_blocks or hp.n_layer)
@@ -545,25 +580,20 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
                      scales)
     windows = refine_windows(calibration_tokens(tokenizer, calib), cfg,
                              cfg.val_samples if heldout_samples is None else heldout_samples)
-    test = windows.pop("test")
-    keep = prefix_parameters(model, adapter, n_blocks) if len(test) else set()
-    fp = load_file_values(model, tensors, plan, hp, keep)
-    fp.update({f"{m}.weight": model.get_submodule(m).weight.detach().clone()
-               for m in (*plan.targets, *plan.fixed) if len(test)})
+    test, micro = windows.pop("test"), cfg.train.micro_batch_size
+    heldout = HeldOut(model, adapter, test, n_blocks, dev, micro) if len(test) else None
+    load_file_values(model, tensors, plan, hp)
+    file_errors = heldout.errors(file_swap(plan, adapter)) if heldout else []
     records, run = run_quantization(model, adapter, windows, cfg, dev, progress,
                                     init_provider=make_provider(plan))
     model.to("cpu")
-    patches, refined = {}, {}
-    for module, target in plan.targets.items():
-        data, changed, scales_changed = encode_target(target, records[module])
-        if changed or scales_changed:
-            patches[target.gguf_name] = data
-        refined[target.gguf_name] = _tensor_entry(target, changed, scales_changed)
-    heldout = (heldout_errors(model, adapter, test, plan, fp, n_blocks, dev,
-                              cfg.train.micro_batch_size) if len(test) else [])
+    patches, refined = encode_all(plan, records)
+    rows = [{"block": i, "file_rel_mse": e, "refined_rel_mse": r}
+            for i, (e, r) in enumerate(zip(file_errors, heldout.errors() if heldout else [],
+                                           strict=True))]
     size = write_patched(src, out, patches, offsets,
                          {x.gguf_name: x.tensor.data for x in plan.targets.values()}, overwrite)
-    report = _report(src, base, out, size, cfg, scales, plan, refined, patches, heldout, run,
+    report = _report(src, base, out, size, cfg, scales, plan, refined, patches, rows, run,
                      time.perf_counter() - t0)
     write_report(report_path(out), report)
     log.info("refined %d tensors of %d/%d blocks (%d patched), passed %d through -> %s",
@@ -571,13 +601,13 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     return RefineResult(model, tokenizer, report, out)
 
 
-def _tensor_entry(target: _Target, changed: int, scales_changed: int) -> dict:
-    levels = target.record.levels
+def _tensor_entry(target: _Linear, changed: int, scales_changed: int) -> dict:
+    lo, hi = BLOCK_TYPES[target.tensor.type_name].code_range
+    numel = int(np.prod(target.tensor.shape))
     return {"module": target.module, "type": target.tensor.type_name,
-            "relaxation": "full" if levels <= FULL_RELAXATION_MAX_CODES else "shift",
-            "scales": "trained" if target.record.train_scale else "frozen",
-            "codes": int(target.record.codes.numel()), "changed_codes": changed,
-            "changed_fraction": changed / max(target.record.codes.numel(), 1),
+            "relaxation": "full" if hi - lo + 1 <= FULL_RELAXATION_MAX_CODES else "shift",
+            "scales": "trained" if target.train_scale else "frozen", "codes": numel,
+            "changed_codes": changed, "changed_fraction": changed / max(numel, 1),
             "changed_sub_scales": scales_changed}
 
 
