@@ -170,10 +170,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"blocks with {cfg.method} {spec.label}: {r['bpp']:.3f} bpp, "
           f"{r['wall_seconds']:.1f} s -> {args.out}")
     if r.get("fallback"):
-        types = ", ".join(f"{n} {t}" for t, n in r["target_types"].items())
-        print(f"GGUF types: {types}; {len(r['fallback'])} tensors whose rows are not whole "
-              f"{cfg.target} blocks use the fallback: {', '.join(sorted(r['fallback']))}")
+        print(_fallback_line(cfg.target, r["target_types"], r["fallback"]))
     return 0
+
+
+def _fallback_line(target: str, types: dict[str, int], fallback: dict[str, str]) -> str:
+    """One line on the GGUF types of a --target run and the tensors that fell back."""
+    names = sorted(fallback)
+    shown = ", ".join(names[:4]) + (", ... (all in report.json)" if len(names) > 4 else "")
+    counts = ", ".join(f"{n} {t}" for t, n in types.items())
+    return (f"GGUF types: {counts}; {len(names)} tensors whose rows are not whole {target} "
+            f"blocks use the fallback {'/'.join(sorted(set(fallback.values())))}: {shown}")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
