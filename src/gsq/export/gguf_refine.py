@@ -346,9 +346,9 @@ def make_provider(plan: _Plan):
 
 
 def refine_config(cfg, scales: str):
-    """The run's config: GSQ on every stage, no skips; group size 1 because the file's
-    sub-blocks define the groups (the block loop only checks that it divides the widths); the
-    paper's Q2_K scale lr unless one was set."""
+    """The run's config: GSQ on every stage, no skips; group size 1 and no GGUF target because
+    the file's types and sub-blocks define the grids (the block loop only checks that the group
+    size divides the widths); the paper's Q2_K scale lr unless one was set."""
     from gsq.config import QuantizeConfig
 
     if scales not in SCALE_MODES:
@@ -357,7 +357,8 @@ def refine_config(cfg, scales: str):
     train = cfg.train
     if scales == "train" and train.scale_lr == QuantizeConfig().train.scale_lr:
         train = dataclasses.replace(train, scale_lr=PAPER_SCALE_LR)
-    return cfg.replace(method="gsq", group_size=1, skip=(), bits_overrides=(), train=train)
+    return cfg.replace(method="gsq", bits=2, group_size=1, target=None, fallback=None, skip=(),
+                       bits_overrides=(), train=train)
 
 
 def refine_windows(tokens: Tensor, cfg, heldout: int) -> dict[str, Tensor]:
