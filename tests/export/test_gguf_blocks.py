@@ -31,12 +31,13 @@ from gsq.quant.types import TERNARY, QuantizedWeight, QuantSpec
 
 T = gguf.GGMLQuantizationType
 BLOCKED = [name for name, bt in BLOCK_TYPES.items() if bt.family != "float"]
-K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K"]
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 QK_K = 256
 # fp16 d / dmin byte ranges inside one block, for random-byte tests
 FP16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q2_0": [0], "TQ1_0": [52], "TQ2_0": [64],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q6_K": [208],
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_0": [0],
+    "TQ1_0": [52], "TQ2_0": [64], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2],
+    "Q5_K": [0, 2], "Q6_K": [208],
 }  # fmt: skip
 
 
@@ -110,8 +111,8 @@ def lattice_scales(qtype: str, bits, G: int, rows: int, cols: int, rng) -> np.nd
         k = sign * rng.integers(1, np.where(sign > 0, 8, 16), (rows, ng))
         k[:, 0] = -15
     else:  # Q4_K: 4-bit codes need one sign per super-block; smaller grids may mix signs
-        k = rng.integers(1, 64, (rows, ng))
-        if bits != 4:
+        k = rng.integers(1, 64, (rows, ng))  # Q5_K: any grid may mix signs (offset 16)
+        if bits != 4 or qtype == "Q5_K":
             k *= rng.choice([-1, 1], (rows, ng))
         k[:, 0] = 63
     return (d * k).astype(np.float32)
@@ -147,6 +148,11 @@ FP16_CASES = [  # (type, bits, group sizes, row lengths, negative scales)
     ("Q4_0", TERNARY, (32,), (512,), True),
     ("Q4_1", 4, (32, 128), (256, 1536), False),
     ("Q4_1", 2, (64,), (512,), True),
+    ("Q5_0", 4, (32, 64, 128), (256, 576, 1536), True),
+    ("Q5_0", 3, (32,), (512,), False),
+    ("Q5_0", TERNARY, (64,), (576,), True),
+    ("Q5_1", 4, (32, 128), (256, 1536), True),
+    ("Q5_1", 2, (32,), (576,), True),
     ("Q8_0", 4, (32, 64), (256, 576, 1536), True),
     ("Q8_0", 3, (128,), (512,), False),
     ("Q2_0", 2, (64, 128, 256), (256, 512, 1536), True),
@@ -177,6 +183,9 @@ K_CASES = [  # (type, bits, group sizes)
     ("Q4_K", 4, (32, 64, 128, 256)),
     ("Q4_K", 3, (32, 128)),
     ("Q4_K", 2, (32, 64)),
+    ("Q5_K", 4, (32, 64, 128, 256)),
+    ("Q5_K", 3, (32, 128)),
+    ("Q5_K", TERNARY, (64,)),
     ("Q6_K", 4, (16, 32, 128)),
     ("Q6_K", 2, (64, 512)),
 ]
@@ -235,7 +244,8 @@ def test_all_zero_groups_and_zero_scales_never_constrain():
     scale[:, 1] = 0.1234567  # neither fp16 nor on any lattice: irrelevant, its codes are 0
     scale[:, 2] = 0.0  # zero scale with nonzero codes
     qw = QuantizedWeight(codes, torch.from_numpy(scale), spec)
-    for qtype in ("Q2_0", "Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K"):
+    for qtype in ("Q2_0", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                  "Q6_K"):
         assert_exact(qtype, qw)
 
 
@@ -274,6 +284,22 @@ def test_hand_block_q4_1():
     got = one_block("Q4_1", 4, 32, [1.0], codes)
     assert list(got[:4]) == [0x00, 0x3C, 0x00, 0xC8]  # d = 1, m = -8
     assert got[4] == 0xF0 and got[19] == 0x0F
+
+
+def test_hand_block_q5_0():
+    codes = [j - 8 for j in range(16)] + [7 - j for j in range(16)]
+    got = one_block("Q5_0", 4, 32, [0.5], codes)
+    # d = 0.5, u = c + 16: 8..23 then 23..8; bit 4 of u set for elements 8..23
+    assert list(got[:6]) == [0x00, 0x38, 0x00, 0xFF, 0xFF, 0x00]
+    assert list(got[6:]) == [0x78, 0x69, 0x5A, 0x4B, 0x3C, 0x2D, 0x1E, 0x0F,
+                             0xF0, 0xE1, 0xD2, 0xC3, 0xB4, 0xA5, 0x96, 0x87]  # fmt: skip
+
+
+def test_hand_block_q5_1():
+    codes = [j - 8 for j in range(16)] + [7 - j for j in range(16)]
+    got = one_block("Q5_1", 4, 32, [1.0], codes)
+    assert list(got[:8]) == [0x00, 0x3C, 0x00, 0xCC, 0x00, 0xFF, 0xFF, 0x00]  # d = 1, m = -16
+    assert got[8] == 0x78 and got[23] == 0x87  # q = c + 16, nibbles as Q5_0
 
 
 def test_hand_block_q8_0():
@@ -330,6 +356,17 @@ def test_hand_block_q4_k():
     assert list(got[16:]) == [(b % 16) * 17 for b in range(32)] * 4
 
 
+def test_hand_block_q5_k():
+    k = [1, 2, 3, 4, 5, 6, 7, 63]
+    codes = [e % 16 - 8 for e in range(256)]
+    got = one_block("Q5_K", 4, 32, [ki / 16 for ki in k], codes)
+    assert list(got[:4]) == [0x00, 0x2C, 0x00, 0x3C]  # d = 1/16, dmin = 16d = 1
+    assert list(got[4:16]) == [1, 2, 3, 0xC4, 1, 2, 3, 0xC4, 0x55, 0x66, 0x77, 0xFF]
+    # q = c + 16 = b % 16 + 8 in every sub-block: bit 4 set in all 8 sub-blocks for b % 16 >= 8
+    assert list(got[16:48]) == [0xFF if b % 16 >= 8 else 0 for b in range(32)]
+    assert list(got[48:]) == [((b + 8) % 16) * 17 for b in range(32)] * 4
+
+
 def test_hand_block_q6_k():
     k = [-128, 127, -1] + list(range(1, 14))
     codes = [e % 16 - 8 for e in range(256)]
@@ -376,7 +413,7 @@ def test_refusals():
     qw_g16 = qweight(4, 16, lattice_scales("Q6_K", 4, 16, 2, 512, rng), rng)
     refusal("Q4_K", qw_g16, "different scales")  # Q4_K sub-blocks are 32 columns
     qw_576 = qweight(2, 64, bf16_scales((2, 9), rng, True), rng)
-    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q6_K", "TQ1_0", "TQ2_0"):
+    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"):
         refusal(qtype, qw_576, "not a multiple of the")
     qw_bf16 = qweight(2, 64, bf16_scales((2, 8), rng, True), rng)
     for qtype in K_TYPES:
@@ -397,7 +434,7 @@ def test_unknown_type_and_bad_data():
     rng = np.random.default_rng(6)
     qw = qweight(4, 32, np.full((2, 2), 0.5, np.float32), rng)
     with pytest.raises(GSQError, match="unknown GGUF type"):
-        encode_weight("Q5_K", qw)
+        encode_weight("IQ2_XS", qw)
     with pytest.raises(GSQError, match="must be uint8"):
         decode_weight("Q4_0", np.zeros((2, 35), np.uint8), 64)
 
@@ -428,7 +465,8 @@ def test_lossy(caplog):
 SNAP_CASES = [("Q4_0", 4, 32), ("Q4_1", 4, 64), ("Q8_0", 3, 128), ("Q2_0", 2, 64),
               ("Q2_0", 2, 32), ("TQ1_0", TERNARY, 64), ("TQ2_0", 2, 256), ("Q2_K", 2, 32),
               ("Q2_K", TERNARY, 128), ("Q3_K", 3, 32), ("Q3_K", 2, 16), ("Q4_K", 4, 128),
-              ("Q4_K", 2, 32), ("Q4_K", 4, 16), ("Q6_K", 4, 64), ("Q6_K", 2, 512)]  # fmt: skip
+              ("Q4_K", 2, 32), ("Q4_K", 4, 16), ("Q6_K", 4, 64), ("Q6_K", 2, 512),
+              ("Q5_0", 4, 32), ("Q5_1", 3, 64), ("Q5_K", 4, 32), ("Q5_K", 2, 128)]  # fmt: skip
 
 
 @pytest.mark.parametrize("qtype,bits,G", SNAP_CASES)
@@ -436,7 +474,7 @@ def test_snap_scales_are_encoded_exactly(qtype, bits, G):
     rng = np.random.default_rng(8)
     cols = 1536 if G != 512 else 1024
     raw = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), (4, cols // G))).astype(np.float32)
-    negative = bits == 2 or bits == TERNARY or qtype in ("Q3_K", "Q6_K")
+    negative = bits == 2 or bits == TERNARY or qtype in ("Q3_K", "Q5_0", "Q5_K", "Q6_K")
     if negative:
         raw *= rng.choice([-1.0, 1.0], raw.shape).astype(np.float32)
     snapped = snap_scales(qtype, torch.from_numpy(raw), G, bits=bits)
@@ -480,7 +518,7 @@ def assert_same_bits(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "TQ1_0", "TQ2_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"])
 def test_decode_assignment_on_gguf_quantized_blocks(qtype):
     rng = np.random.default_rng(9)
     W = rng.normal(size=(6, 512)).astype(np.float32)
@@ -547,6 +585,13 @@ def test_default_type():
     assert default_type(q2k) == "Q2_K"
     q3k = qweight(3, 32, lattice_scales("Q3_K", 3, 32, 2, 512, rng), rng)
     assert default_type(q3k) == "Q3_K"
+    # 4-bit codes over both signs on a lattice d*k that is not fp16 (d = 1025 * 2^-20, odd
+    # k >= 9): Q4_0/Q5_0 need fp16 scales, Q4_K one sign per super-block or k <= 7
+    k = rng.integers(4, 32, (2, 16)) * 2 + 1
+    k *= np.where(np.arange(16) % 2, -1, 1)
+    q5k = qweight(4, 32, (k * np.float32(1025 * 2.0**-20)).astype(np.float32), rng, dead=False)
+    q5k.codes.view(2, 16, 32)[:, :, :2] = torch.tensor([-8, 7], dtype=torch.int8)
+    assert default_type(q5k) == "Q5_K"
     fp32 = qweight(4, 32, np.full((2, 16), 0.1, np.float32), rng)  # not fp16: only floats
     assert default_type(fp32) == "F32"
 

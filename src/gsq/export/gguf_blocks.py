@@ -12,6 +12,8 @@ Block layouts (offsets in bytes, little-endian; `e` = element in block, `n = e//
 |-------|-------|-------|---------------------------------------------------|-------------------|
 | Q4_0  | 32    | 18    | d f16, qs[16]: e<16 low nibble, e+16 high nibble   | d*(q-8)           |
 | Q4_1  | 32    | 20    | d f16, m f16, qs[16] as Q4_0                        | d*q + m           |
+| Q5_0  | 32    | 22    | d f16, qh u32 (bit e: q >> 4), qs[16] as Q4_0       | d*(q-16)          |
+| Q5_1  | 32    | 24    | d f16, m f16, qh u32, qs[16] as Q5_0                | d*q + m           |
 | Q8_0  | 32    | 34    | d f16, int8 q[32]                                   | d*q               |
 | Q2_0  | 64    | 18    | d f16, qs[16]: q = qs[e//4] >> 2(e%4)               | d*(q-1)           |
 | TQ1_0 | 256   | 54    | qs[48], qh[4] base-3 bytes (5 and 4 trits), d f16  | d*(t-1)           |
@@ -21,17 +23,20 @@ Block layouts (offsets in bytes, little-endian; `e` = element in block, `n = e//
 | Q3_K  | 256   | 110   | hmask[32], qs[64] low 2 bits, scales[12] 6-bit      | d*(L-32)*q,       |
 |       |       |       | L = sc+32, d f16; q = low - 4(1-h), 16 subs of 16   | q in -4..3        |
 | Q4_K  | 256   | 144   | d, dmin f16, scales[12] 6-bit sc/m, qs[128]; 8x32   | d*sc*q - dmin*m   |
+| Q5_K  | 256   | 176   | d, dmin, scales[12] as Q4_K, qh[32]: element 32j+b  | d*sc*q - dmin*m   |
+|       |       |       | has bit 4 = bit j of qh[b], qs[128] low bits as Q4_K|                   |
 | Q6_K  | 256   | 210   | ql[128], qh[64], int8 scales[16], d f16; 16 x 16    | d*sc*(q-32)       |
 
 Which of our grids a type holds exactly (B.5): fp16-block types need `s` fp16-representable and
-one `|s|` per block (Q4_0/Q4_1/Q8_0 any grid; Q2_0/TQ2_0 2-bit either sign and ternary; TQ1_0
-ternary); K types need each super-block's sub-block scales on a lattice `{d*k}`
-(`gguf_lattice.py`). Everything here is data-driven: an all-zero group never constrains its
-scale, and codes only need to fit the type where they actually occur.
+one `|s|` per block (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 any grid; Q2_0/TQ2_0 2-bit either sign and
+ternary; TQ1_0 ternary); K types need each super-block's sub-block scales on a lattice `{d*k}`
+(`gguf_lattice.py`; Q5_K's 32 levels hold 4-bit codes of either sign through the offset 16).
+Everything here is data-driven: an all-zero group never constrains its scale, and codes only need
+to fit the type where they actually occur.
 
 API: `encode_weight`, `exact_problem`, `default_type` (smallest exact type by bits per weight:
-TQ1_0 < TQ2_0 < Q2_0 < Q2_K < Q3_K < Q4_0 < Q4_K < Q6_K < Q8_0 < F16 < BF16 < F32),
-`decode_weight`, `snap_scales` (project scales onto a type), `decode_assignment` /
+TQ1_0 < TQ2_0 < Q2_0 < Q2_K < Q3_K < Q4_0 < Q4_K < Q5_0 < Q5_K < Q5_1 < Q6_K < Q8_0 < F16 <
+BF16 < F32), `decode_weight`, `snap_scales` (project scales onto a type), `decode_assignment` /
 `encode_assignment` (a file's integer codes and per-sub-block affine maps, for refinement),
 `encoding_error`, and the `BLOCK_TYPES` table (type ids, block sizes, bits per weight).
 """
@@ -97,7 +102,7 @@ class BlockType:
     code_range: tuple[int, int] = (0, 0)  # levels the decoder multiplies (Assignment.codes)
     fit_range: tuple[int, int] = (0, 0)  # fp16 types: oriented codes c' with w = d*c'
     signs: tuple[int, ...] = (1, -1)  # fp16 types: d = sign*s, tried in this order
-    zero_point: int = 0  # Q4_1: q = c' + 8 and m = -8d
+    zero_point: int = 0  # Q4_1 / Q5_1: q = c' + 8 / 16 and m = -8d / -16d
     k_range: tuple[int, int] = (0, 0)  # K types: sub-block integer scale range
     offsets: tuple[int, ...] = ()  # affine K types: uniform offsets Z, by preference
     max_bits: int | str = 4  # widest gsq grid the type holds (target of lossy re-fits)
@@ -116,6 +121,8 @@ BLOCK_TYPES: dict[str, BlockType] = {
         BlockType("BF16", 30, 1, 2, "float"),
         BlockType("Q4_0", 2, 32, 18, "fp16", 32, (-8, 7), (-8, 7)),
         BlockType("Q4_1", 3, 32, 20, "fp16", 32, (0, 15), (-8, 7), zero_point=8),
+        BlockType("Q5_0", 6, 32, 22, "fp16", 32, (-16, 15), (-16, 15)),
+        BlockType("Q5_1", 7, 32, 24, "fp16", 32, (0, 31), (-16, 15), zero_point=16),
         BlockType("Q8_0", 8, 32, 34, "fp16", 32, (-128, 127), (-128, 127)),
         BlockType("Q2_0", 42, 64, 18, "fp16", 64, (-1, 2), (-1, 2), (-1, 1), max_bits=2),
         BlockType("TQ1_0", 34, 256, 54, "fp16", 256, (-1, 1), (-1, 1), max_bits=TERNARY),
@@ -125,12 +132,14 @@ BLOCK_TYPES: dict[str, BlockType] = {
         BlockType("Q3_K", 11, 256, 110, "signed_k", 16, (-4, 3), k_range=(-32, 31), max_bits=3),
         BlockType("Q4_K", 12, 256, 144, "affine_k", 32, (0, 15), k_range=(0, 63),
                   offsets=(8, 4, 2, 1)),
+        BlockType("Q5_K", 13, 256, 176, "affine_k", 32, (0, 31), k_range=(0, 63),
+                  offsets=(16, 8, 4, 2, 1)),
         BlockType("Q6_K", 14, 256, 210, "signed_k", 16, (-32, 31), k_range=(-128, 127)),
     )
 }
 # default_type tries these in order: by bits per weight, fp16-scale types before K types on ties
-_DEFAULT_ORDER = ("TQ1_0", "TQ2_0", "Q2_0", "Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q6_K", "Q8_0",
-                  "F16", "BF16", "F32")
+_DEFAULT_ORDER = ("TQ1_0", "TQ2_0", "Q2_0", "Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_K",
+                  "Q5_1", "Q6_K", "Q8_0", "F16", "BF16", "F32")
 
 
 def block_type(qtype: str) -> BlockType:
@@ -155,9 +164,9 @@ class _Fields:
 
     q: np.ndarray  # (N, block) int16: the level the decoder multiplies (Assignment.codes)
     d: np.ndarray  # (N,) float16
-    dmin: np.ndarray | None = None  # (N,) float16: Q2_K/Q4_K dmin, Q4_1 m
+    dmin: np.ndarray | None = None  # (N,) float16: Q2_K/Q4_K/Q5_K dmin, Q4_1/Q5_1 m
     sc: np.ndarray | None = None  # (N, n_sub) int: K sub-block scale
-    m: np.ndarray | None = None  # (N, n_sub) int: Q2_K/Q4_K sub-block min
+    m: np.ndarray | None = None  # (N, n_sub) int: Q2_K/Q4_K/Q5_K sub-block min
 
 
 def _f16_bytes(d: np.ndarray) -> np.ndarray:
@@ -200,6 +209,44 @@ def _unpack_q4_1(b: np.ndarray) -> _Fields:
     q = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int16)
     m_ = -np.ones((b.shape[0], 1), np.int16)  # value = d*q - (m * -1)
     return _Fields(q, _f16_read(b[:, :2]), _f16_read(b[:, 2:4]), m=m_)
+
+
+def _nibbles_32(u: np.ndarray) -> np.ndarray:
+    """(N, 32) values -> (N, 16) bytes: element e < 16 low nibble of byte e, e + 16 high nibble."""
+    return (u[:, :16] & 15) | (u[:, 16:] & 15) << 4
+
+
+def _fifth_bits_32(u: np.ndarray) -> np.ndarray:
+    """(N, 32) 5-bit values -> (N, 4) bytes of the little-endian u32 qh: bit e = bit 4 of e."""
+    return np.packbits(u >> 4, axis=1, bitorder="little")
+
+
+def _unpack_5bit_32(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """qh (N, 4), qs (N, 16) bytes -> (N, 32) int16 levels 0..31 (Q5_0 / Q5_1)."""
+    low = np.concatenate([qs & 15, qs >> 4], axis=1)
+    high = np.unpackbits(qh, axis=1, bitorder="little")
+    return (low | high << 4).astype(np.int16)
+
+
+def _pack_q5_0(f: _Fields) -> np.ndarray:
+    u = (f.q + 16).astype(np.uint8)  # (N, 32), 0..31
+    return np.concatenate([_f16_bytes(f.d), _fifth_bits_32(u), _nibbles_32(u)], axis=1)
+
+
+def _unpack_q5_0(b: np.ndarray) -> _Fields:
+    return _Fields(_unpack_5bit_32(b[:, 2:6], b[:, 6:22]) - 16, _f16_read(b[:, :2]))
+
+
+def _pack_q5_1(f: _Fields) -> np.ndarray:
+    u = f.q.astype(np.uint8)
+    return np.concatenate([_f16_bytes(f.d), _f16_bytes(f.dmin), _fifth_bits_32(u),
+                           _nibbles_32(u)], axis=1)
+
+
+def _unpack_q5_1(b: np.ndarray) -> _Fields:
+    m_ = -np.ones((b.shape[0], 1), np.int16)  # value = d*q - (m * -1), as Q4_1
+    return _Fields(_unpack_5bit_32(b[:, 4:8], b[:, 8:24]), _f16_read(b[:, :2]),
+                   _f16_read(b[:, 2:4]), m=m_)
 
 
 def _pack_q8_0(f: _Fields) -> np.ndarray:
@@ -292,24 +339,60 @@ def _unpack_q3_k(b: np.ndarray) -> _Fields:
     return _Fields(q, _f16_read(b[:, 108:110]), sc=sc)
 
 
-def _pack_q4_k(f: _Fields) -> np.ndarray:
-    sc, m_ = f.sc.astype(np.uint8), f.m.astype(np.uint8)  # (N, 8) six-bit
-    scales = [
+def _pack_k_scales(sc: np.ndarray, m_: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K scales[12] of six-bit (N, 8) sc and m: bytes 0-3 sc[0:4] | sc[4:8] >> 4 << 6,
+    4-7 m[0:4] | m[4:8] >> 4 << 6, 8-11 sc[4:8] & 15 | (m[4:8] & 15) << 4."""
+    sc, m_ = sc.astype(np.uint8), m_.astype(np.uint8)
+    return np.concatenate([
         sc[:, :4] | (sc[:, 4:] >> 4) << 6,
         m_[:, :4] | (m_[:, 4:] >> 4) << 6,
         (sc[:, 4:] & 15) | (m_[:, 4:] & 15) << 4,
-    ]
-    q = f.q.astype(np.uint8).reshape(-1, 4, 2, 32)  # element 64c + 32h + b: byte 32c + b, nibble h
-    qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
-    return np.concatenate([_f16_bytes(f.d), _f16_bytes(f.dmin), *scales, qs], axis=1)
+    ], axis=1)
+
+
+def _unpack_k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 12) scale bytes -> six-bit (sc, m), each (N, 8) uint8."""
+    a, bm, c = b[:, 0:4], b[:, 4:8], b[:, 8:12]
+    sc = np.concatenate([a & 63, (c & 15) | (a >> 2) & 48], axis=1)
+    m_ = np.concatenate([bm & 63, (c >> 4) | (bm >> 2) & 48], axis=1)
+    return sc, m_
+
+
+def _pack_nibbles_k(q: np.ndarray) -> np.ndarray:
+    """(N, 256) -> (N, 128): element 64c + 32h + b in byte 32c + b, nibble h (low 4 bits)."""
+    q = (q.astype(np.uint8) & 15).reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
+
+
+def _unpack_nibbles_k(qs: np.ndarray) -> np.ndarray:
+    return ((qs.reshape(-1, 4, 1, 32) >> _SHIFT4[:, None]) & 15).reshape(-1, 256)
+
+
+def _pack_q4_k(f: _Fields) -> np.ndarray:
+    return np.concatenate([_f16_bytes(f.d), _f16_bytes(f.dmin), _pack_k_scales(f.sc, f.m),
+                           _pack_nibbles_k(f.q)], axis=1)
 
 
 def _unpack_q4_k(b: np.ndarray) -> _Fields:
-    a, bm, c = b[:, 4:8], b[:, 8:12], b[:, 12:16]
-    sc = np.concatenate([a & 63, (c & 15) | (a >> 2) & 48], axis=1)
-    m_ = np.concatenate([bm & 63, (c >> 4) | (bm >> 2) & 48], axis=1)
-    q = ((b[:, 16:144].reshape(-1, 4, 1, 32) >> _SHIFT4[:, None]) & 15).reshape(-1, 256)
+    sc, m_ = _unpack_k_scales(b[:, 4:16])
+    q = _unpack_nibbles_k(b[:, 16:144])
     return _Fields(q.astype(np.int16), _f16_read(b[:, :2]), _f16_read(b[:, 2:4]), sc, m_)
+
+
+def _pack_q5_k(f: _Fields) -> np.ndarray:
+    u = f.q.astype(np.uint8)  # (N, 256), 0..31
+    h = (u >> 4).reshape(-1, 8, 32)  # element 32j + b: bit j of qh[b]
+    qh = np.bitwise_or.reduce(h << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+    return np.concatenate([_f16_bytes(f.d), _f16_bytes(f.dmin), _pack_k_scales(f.sc, f.m), qh,
+                           _pack_nibbles_k(u)], axis=1)
+
+
+def _unpack_q5_k(b: np.ndarray) -> _Fields:
+    n = b.shape[0]
+    sc, m_ = _unpack_k_scales(b[:, 4:16])
+    h = ((b[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(n, 256)
+    q = (_unpack_nibbles_k(b[:, 48:176]) | h << 4).astype(np.int16)
+    return _Fields(q, _f16_read(b[:, :2]), _f16_read(b[:, 2:4]), sc, m_)
 
 
 def _pack_q6_k(f: _Fields) -> np.ndarray:
@@ -331,14 +414,16 @@ def _unpack_q6_k(b: np.ndarray) -> _Fields:
 
 
 _PACK: dict[str, Callable[[_Fields], np.ndarray]] = {
-    "Q4_0": _pack_q4_0, "Q4_1": _pack_q4_1, "Q8_0": _pack_q8_0, "Q2_0": _pack_q2_0,
-    "TQ1_0": _pack_tq1_0, "TQ2_0": _pack_tq2_0, "Q2_K": _pack_q2_k, "Q3_K": _pack_q3_k,
-    "Q4_K": _pack_q4_k, "Q6_K": _pack_q6_k,
+    "Q4_0": _pack_q4_0, "Q4_1": _pack_q4_1, "Q5_0": _pack_q5_0, "Q5_1": _pack_q5_1,
+    "Q8_0": _pack_q8_0, "Q2_0": _pack_q2_0, "TQ1_0": _pack_tq1_0, "TQ2_0": _pack_tq2_0,
+    "Q2_K": _pack_q2_k, "Q3_K": _pack_q3_k, "Q4_K": _pack_q4_k, "Q5_K": _pack_q5_k,
+    "Q6_K": _pack_q6_k,
 }  # fmt: skip
 _UNPACK: dict[str, Callable[[np.ndarray], _Fields]] = {
-    "Q4_0": _unpack_q4_0, "Q4_1": _unpack_q4_1, "Q8_0": _unpack_q8_0, "Q2_0": _unpack_q2_0,
-    "TQ1_0": _unpack_tq1_0, "TQ2_0": _unpack_tq2_0, "Q2_K": _unpack_q2_k, "Q3_K": _unpack_q3_k,
-    "Q4_K": _unpack_q4_k, "Q6_K": _unpack_q6_k,
+    "Q4_0": _unpack_q4_0, "Q4_1": _unpack_q4_1, "Q5_0": _unpack_q5_0, "Q5_1": _unpack_q5_1,
+    "Q8_0": _unpack_q8_0, "Q2_0": _unpack_q2_0, "TQ1_0": _unpack_tq1_0, "TQ2_0": _unpack_tq2_0,
+    "Q2_K": _unpack_q2_k, "Q3_K": _unpack_q3_k, "Q4_K": _unpack_q4_k, "Q5_K": _unpack_q5_k,
+    "Q6_K": _unpack_q6_k,
 }  # fmt: skip
 
 
@@ -356,10 +441,11 @@ class Assignment:
 
     The per-sub-block maps come from a lattice: `scale = d * sub_scale` and `min = dmin * sub_min`
     (`d`, `dmin` one fp16 per block; `sub_scale`, `sub_min` small integers per sub-block). For the
-    fp16 block types `sub_block == block_size`, `sub_scale == 1` and `sub_min == 0` (Q4_1:
+    fp16 block types `sub_block == block_size`, `sub_scale == 1` and `sub_min == 0` (Q4_1, Q5_1:
     `sub_min == -1`, `dmin` = its `m`). Codes are the decoder's integer levels, in `code_range`:
-    signed for symmetric types (Q4_0 -8..7, Q8_0, Q2_0/TQ2_0 -1..2, TQ1_0, Q3_K -4..3, Q6_K
-    -32..31) and unsigned for the affine ones (Q4_1, Q2_K 0..3, Q4_K 0..15).
+    signed for symmetric types (Q4_0 -8..7, Q5_0 -16..15, Q8_0, Q2_0/TQ2_0 -1..2, TQ1_0, Q3_K
+    -4..3, Q6_K -32..31) and unsigned for the affine ones (Q4_1, Q2_K 0..3, Q4_K 0..15, Q5_1 and
+    Q5_K 0..31).
     """
 
     qtype: str
@@ -555,7 +641,7 @@ def _fit_fp16(bt: BlockType, s_unit, codes, row0: int) -> _Fields:
     d = (sign * s_unit).astype(np.float16)
     q = cb * sign[..., None].astype(np.int16) + bt.zero_point  # (rows, nb, block)
     fields = _Fields(q.reshape(-1, bt.block_size), d.reshape(-1))
-    if bt.zero_point:  # Q4_1: m = -8d must be an fp16 value too
+    if bt.zero_point:  # Q4_1 / Q5_1: m = -8d / -16d must be an fp16 value too
         m32 = np.float32(-bt.zero_point) * d.astype(np.float32)
         if not fp16_exact(m32).all():
             r, b = _first(~fp16_exact(m32))
@@ -605,7 +691,7 @@ def _fit_signed_k(bt: BlockType, s_unit, codes, row0: int) -> _Fields:
 
 
 def _fit_affine_k(bt: BlockType, s_unit, codes, row0: int) -> _Fields:
-    """Q2_K, Q4_K: w = d*k*q - dmin*m with k, m >= 0; a sub-block stores sign(d*s)*c + z."""
+    """Q2_K, Q4_K, Q5_K: w = d*k*q - dmin*m with k, m >= 0; a sub-block stores sign(d*s)*c + z."""
     t, cb = _super_view(bt, s_unit, codes)
     cmin, cmax = cb.min(-1), cb.max(-1)  # (rows, n_sb, n_sub)
     sgn = np.sign(t).astype(np.int8)
@@ -837,7 +923,7 @@ def _to_units(bt: BlockType, s: np.ndarray, G: int):
 
 
 def _snap_fp16(bt: BlockType, s_unit: np.ndarray, bits) -> np.ndarray:
-    limit = FP16_MAX / max(bt.zero_point, 1)  # Q4_1 also stores m = -8d
+    limit = FP16_MAX / max(bt.zero_point, 1)  # Q4_1 / Q5_1 also store m = -8d / -16d
     return fp16_nearest(np.clip(s_unit, -limit, limit))
 
 
