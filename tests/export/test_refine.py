@@ -1,11 +1,12 @@
 """`gsq refine`: GSQ on the codes of a llama.cpp-quantized GGUF file, checked by llama.cpp.
 
 A tiny random Llama whose widths are multiples of 256 (so the K types apply) is written as an F16
-GGUF, quantized by llama.cpp itself (Q2_K, Q3_K_M, Q4_0) and refined against the F16 file. The
-refined file must keep the input's size, tensor names, types and shapes; every byte outside the
-rewritten tensors stays the same; the rewritten tensors decode exactly to the model gsq trained and
-evaluated; llama.cpp runs the file and agrees with that model; no stage ends worse than the file
-on held-out data; the same seed gives the same file.
+GGUF, quantized by llama.cpp itself (Q2_K, Q3_K_M, Q4_0, Q5_0, Q5_1; Q3_K_M stores attn_v as Q5_K)
+and refined against the F16 file. The refined file must keep the input's size, tensor names, types
+and shapes; every byte outside the rewritten tensors stays the same; the rewritten tensors decode
+exactly to the model gsq trained and evaluated; llama.cpp runs the file and agrees with that model;
+no stage ends worse than the file on held-out data, and no block either (a block that is not
+better on held-out inputs is reverted to the file's bytes); the same seed gives the same file.
 
 The q/k weights are scaled up (peaked attention) so that a wrong rotary row order would show in
 llama.cpp's logits.
@@ -64,7 +65,8 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_llama, llama_cpp):
-    """{'dir', 'calib', 'tokenizer', 'base' (F16 GGUF), 'Q2_K', 'Q3_K_M', 'Q4_0'}: paths."""
+    """{'dir', 'calib', 'tokenizer', 'base' (F16 GGUF), 'Q2_K', 'Q3_K_M', 'Q4_0', 'Q5_0', 'Q5_1'}:
+    paths."""
     from gsq.data.calibration import bundled_text_path, read_text
     from gsq.eval.llamacpp import quantize_with_llamacpp
     from gsq.export.gguf_file import write_base_gguf
@@ -82,7 +84,7 @@ def files(tmp_path_factory, tiny_llama, llama_cpp):
     paths = {"dir": root, "tokenizer": tokenizer, "base": root / "base.gguf",
              "calib": root / "calib.txt"}
     paths["calib"].write_text(read_text(bundled_text_path())[10_000:60_000])
-    for ftype in ("Q2_K", "Q3_K_M", "Q4_0"):
+    for ftype in ("Q2_K", "Q3_K_M", "Q4_0", "Q5_0", "Q5_1"):
         paths[ftype] = root / f"{ftype}.gguf"
         quantize_with_llamacpp(paths["base"], paths[ftype], ftype, nthread=1)
     return paths
@@ -162,11 +164,14 @@ def test_refined_and_passed_through_tensors_by_type(q2k, q3km):
     assert r["passthrough"]["blk.0.attn_norm.weight"] == {"type": "F32",
                                                           "reason": "not a block linear"}
     assert r["passthrough"]["token_embd.weight"]["reason"] == "not a block linear"
-    # Q3_K_M stores attn_v as Q5_K, which gsq cannot refine: it passes through untouched
+    # Q3_K_M stores attn_v as Q5_K: refined with ±2 shifts of its 32 levels
     q3 = q3km.report
-    assert q3["refined_types"] == {"Q3_K": 8, "Q4_K": 4}
-    v = q3["passthrough"]["blk.1.attn_v.weight"]
-    assert v["type"] == "Q5_K" and "no integer codes" in v["reason"]
+    assert q3["refined_types"] == {"Q3_K": 8, "Q4_K": 4, "Q5_K": 2}
+    v = [q3["refined"][f"blk.{i}.attn_v.weight"] for i in (0, 1)]
+    assert all(e["type"] == "Q5_K" and e["relaxation"] == "shift" for e in v)
+    assert v[0]["changed_codes"] > 0
+    assert not [n for n, p in q3["passthrough"].items() if n.startswith("blk.") and
+                "no integer codes" in p["reason"]]
     assert report_path(q3km.out).is_file()
 
 
@@ -202,6 +207,51 @@ def test_block_errors_do_not_get_worse(q2k, q3km):
         rows = result.report["heldout"]
         assert len(rows) == 2
         assert all(r["refined_rel_mse"] < r["file_rel_mse"] for r in rows), rows
+        # whole-block acceptance on the same held-out windows: both blocks kept their refinement
+        assert result.report["reverted_blocks"] == []
+        for block in result.report["run"]["blocks"]:
+            check = block["acceptance"]
+            assert check["inputs"] == "test" and not check["reverted"]
+            assert check["refined_rel_mse"] < check["file_rel_mse"], check
+
+
+@pytest.mark.parametrize("ftype", ["Q5_0", "Q5_1"])
+def test_q5_files_are_refined_in_their_types(files, ftype):
+    """llama.cpp's Q5_0 / Q5_1 files: every block linear is refined (±2 shifts of 32 levels) and
+    written back in the same type, same size, decoding exactly to gsq's model, which llama.cpp
+    runs."""
+    from gsq.data.calibration import bundled_text_path, read_text, tokenize_text
+    from gsq.eval.llamacpp import llamacpp_compare
+
+    result = refine(files, ftype, f"{ftype}-refined", SMALL, heldout_samples=0)
+    r = result.report
+    assert r["refined_types"] == {ftype: 7}
+    assert all(e["relaxation"] == "shift" for e in r["refined"].values())
+    assert r["tensors_patched"] and 0 < r["changed_fraction"] < 0.5
+    src, out = files[ftype], result.out
+    assert out.stat().st_size == src.stat().st_size
+    assert [(t.name, t.type_name, t.shape) for t in read_gguf(src)[1]] == [
+        (t.name, t.type_name, t.shape) for t in read_gguf(out)[1]]
+    assert_model_is_the_file(result)
+    tokens = tokenize_text(files["tokenizer"], read_text(bundled_text_path())[100_000:105_000])
+    ours = llamacpp_compare(out, result.model, tokens, 128, 512, progress=False)
+    assert ours["kl"] < 1e-3 and ours["top1"] > 0.85, ours
+
+
+def test_a_block_that_gets_worse_is_reverted_to_the_file(files):
+    """A refinement forced to be bad (huge fixed logit lr, last epoch kept instead of the best)
+    makes the block's held-out output worse than the file's: the block is reverted, so the output
+    file equals the input byte for byte, and the model is the file."""
+    bad = SMALL.replace(train=TrainConfig(epochs=2, batch_size=4, micro_batch_size=4,
+                                          logit_lr=10.0, logit_travel=None, keep_best=False))
+    result = refine(files, "Q4_0", "reverted", bad)
+    r = result.report
+    assert r["reverted_blocks"] == [0] and r["tensors_patched"] == [] and r["changed_codes"] == 0
+    check = r["run"]["blocks"][0]["acceptance"]
+    assert check["reverted"] and check["refined_rel_mse"] >= check["file_rel_mse"], check
+    assert result.out.read_bytes() == files["Q4_0"].read_bytes()
+    assert_model_is_the_file(result)
+    assert r["heldout"][0]["refined_rel_mse"] == r["heldout"][0]["file_rel_mse"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,13 +9,18 @@ Pipeline (`refine_gguf`):
      stay full precision until their block is done (their block gives the FP targets): embeddings,
      norms, the output matrix and later blocks hold the file's decoded values, so each block's
      inputs come from the already-refined prefix exactly as llama.cpp would compute them;
-  4. run the block loop (`run_quantization`) with an init provider: a block linear whose type has
-     integer codes (`REFINABLE_TYPES`) starts from the file's codes and per-sub-block (scale, min)
+  4. run the block loop (`refine_blocks`, `quantize_block` per block) with an init provider: a
+     block linear whose type has integer codes (`REFINABLE_TYPES`: Q2_K ... Q6_K, Q4_0/Q4_1,
+     Q5_0/Q5_1/Q5_K, Q8_0, TQ*) starts from the file's codes and per-sub-block (scale, min)
      (`AffineWeight`: full relaxation for types of <= 4 codes, ±2 shifts otherwise; scales frozen,
      or trained for Q2_K and snapped onto its 4-bit lattice). attn_q/attn_k rows are taken back from
      llama.cpp's interleaved rotary order to HF's. Any other linear is written into its block as
      decoded and stays fixed (passed through). The trainer keeps the best of {file, epochs} by
-     held-out hard loss, so a stage never ends worse than the file on held-out data;
+     held-out hard loss, so a stage never ends worse than the file on held-out data (for Q/K: on
+     its quadratic proxy). Whole-block acceptance: after a block is refined, its output on held-out
+     inputs (the test windows, else val) is compared with the full-precision block's on the same
+     inputs; unless it is closer than the file's assignment, the block goes back to the file's
+     codes and scales (`reverted_blocks` in the report) before its outputs feed the next block;
   5. encode each refined tensor in its own type (`encode_assignment`), check that it decodes to the
      weight gsq trained and evaluated, and patch its bytes into a copy of the file: same offsets,
      same size, every other byte (metadata, other tensors, padding) identical. The file is written
@@ -373,6 +378,109 @@ def refine_windows(tokens: Tensor, cfg, heldout: int) -> dict[str, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# The block loop with whole-block acceptance
+
+
+def _block_map(adapter, block: nn.Module, ctx: dict, x: Tensor, micro: int, device) -> Tensor:
+    """`(N, T, hidden)` outputs of `block` as it is now for inputs `x` (same device as `x`)."""
+    from gsq.calib.objectives import map_batches
+
+    with torch.no_grad():
+        return map_batches(lambda h: adapter.block_forward(block, h, ctx), x, micro, device)
+
+
+def revert_block(plan: _Plan, prefix: str, block: nn.Module) -> dict[str, AffineWeight]:
+    """Write the file's values into the refined linears of `block` (HF module names `prefix` +
+    name); returns their file records by full module name (encoded, they are the input bytes)."""
+    records = {}
+    for name, linear in plan.block(prefix).items():
+        if not linear.refine:
+            continue
+        weight = block.get_submodule(name).weight
+        with torch.no_grad():
+            weight.copy_(linear.values().to(weight.device, weight.dtype))
+        records[linear.module] = linear.record()
+    return records
+
+
+def _same_as_file(plan: _Plan, records: dict[str, AffineWeight]) -> bool:
+    """True if every record has the file's codes and scales (nothing to revert)."""
+    for module, record in records.items():
+        init = plan.linears[module].record()
+        if not (torch.equal(record.codes.cpu(), init.codes)
+                and torch.equal(record.scale.float().cpu(), init.scale)):
+            return False
+    return True
+
+
+def accept_block(plan: _Plan, adapter, block: nn.Module, ctx: dict, prefix: str, x: Tensor,
+                 fp_out: Tensor, records: dict, micro: int, device) -> tuple[dict, dict, Tensor]:
+    """Keep a refined block only if its outputs on held-out inputs `x` `(N, T, hidden)` are closer
+    (relative MSE) to the FP block's `fp_out` than those of the file's assignment.
+
+    Returns (records to keep, acceptance entry, the kept block's outputs on `x`). A block that is
+    not better is reverted in place (`revert_block`); one equal to the file is kept as it is.
+    """
+    out = _block_map(adapter, block, ctx, x, micro, device)
+    file_values = {n: lin.values() for n, lin in plan.block(prefix).items() if lin.refine}
+    with _swapped(block, file_values):
+        file_out = _block_map(adapter, block, ctx, x, micro, device)
+    entry = {"file_rel_mse": _rel_mse(file_out, fp_out), "refined_rel_mse": _rel_mse(out, fp_out),
+             "reverted": False}
+    if entry["refined_rel_mse"] >= entry["file_rel_mse"] and not _same_as_file(plan, records):
+        records, out, entry["reverted"] = revert_block(plan, prefix, block), file_out, True
+    return records, entry, out
+
+
+def refine_blocks(model: nn.Module, adapter, windows: dict[str, Tensor], test: Tensor, cfg,
+                  device, progress: bool, plan: _Plan) -> tuple[dict[str, AffineWeight], dict]:
+    """`run_quantization`'s block loop (train/val/gptq windows `(N, T)`) with the file's records
+    as init and whole-block acceptance (`accept_block`) on the `test` windows `(M, T)`, or on the
+    val windows when M = 0. Returns the records by full module name and the run report, whose
+    block entries carry an "acceptance" entry; "reverted_blocks" lists the reverted ones."""
+    from tqdm.auto import tqdm
+
+    from gsq.calib.capture import capture_block_context, capture_block_inputs
+    from gsq.calib.sequential import Buffers, activation_home, quantize_block
+
+    t0, micro = time.perf_counter(), cfg.train.micro_batch_size
+    blocks = adapter.blocks(model)
+    n_blocks = min(len(blocks), cfg.max_blocks or len(blocks))
+    for module in adapter.embedding_modules(model):
+        module.to(device)
+    ctx = capture_block_context(model, adapter, cfg.seqlen, device)
+    home = activation_home(cfg, windows, model.config.hidden_size, device)
+    bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device, micro).to(home)
+                     for s in ("train", "val", "gptq")))
+    held = capture_block_inputs(model, adapter, test, device, micro).to(home) if len(test) else None
+    provider, records, reports, reverted = make_provider(plan), {}, [], []
+    prefix, inputs = adapter.first_block_prefix(), "val" if held is None else "test"
+    for index in tqdm(range(n_blocks), desc="blocks", unit="block", disable=not progress):
+        block = blocks[index]
+        block_home = next(block.parameters()).device
+        block.to(device)
+        x = bufs.val if held is None else held
+        fp_out = _block_map(adapter, block, ctx, x, micro, device)  # refined linears still FP
+        block_records, report, next_bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
+                                                          progress, provider)
+        block_records, entry, out = accept_block(plan, adapter, block, ctx, prefix.format(i=index),
+                                                 x, fp_out, block_records, micro, device)
+        if entry["reverted"]:
+            next_bufs = Buffers(*(_block_map(adapter, block, ctx, b, micro, device)
+                                  for _, b in bufs.items()))
+            reverted.append(index)
+            log.info("block %d: reverted to the file's codes (held-out rel. MSE %.4g, file %.4g)",
+                     index, entry["refined_rel_mse"], entry["file_rel_mse"])
+        bufs, held = next_bufs, (out if held is not None else None)
+        block.to(block_home)
+        records.update(block_records)
+        reports.append({**report, "acceptance": {"inputs": inputs, **entry}})
+    return records, {"blocks": reports, "quantize_seconds": time.perf_counter() - t0,
+                     "blocks_quantized": n_blocks, "blocks_total": len(blocks),
+                     "reverted_blocks": reverted}
+
+
+# --------------------------------------------------------------------------------------------
 # Encoding and writing
 
 
@@ -556,7 +664,6 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     written to `<out>.refine.json`.
     """
     from gsq.api import calibration_tokens, load_any_model, resolve_device
-    from gsq.calib.sequential import run_quantization
     from gsq.io.quantized_dir import check_output_path
     from gsq.models.registry import adapter_for
 
@@ -585,8 +692,7 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     heldout = HeldOut(model, adapter, test, n_blocks, dev, micro) if len(test) else None
     load_file_values(model, tensors, plan, hp)
     file_errors = heldout.errors(file_swap(plan, adapter)) if heldout else []
-    records, run = run_quantization(model, adapter, windows, cfg, dev, progress,
-                                    init_provider=make_provider(plan))
+    records, run = refine_blocks(model, adapter, windows, test, cfg, dev, progress, plan)
     model.to("cpu")
     patches, refined = encode_all(plan, records)
     rows = [{"block": i, "file_rel_mse": e, "refined_rel_mse": r}
@@ -619,7 +725,7 @@ def _report(src, base, out, size, cfg, scales, plan, refined, patches, heldout, 
     return {
         "input": str(src), "base": str(base), "out": str(out), "file_bytes": size,
         "scales": scales, "blocks_refined": run["blocks_quantized"],
-        "blocks_total": run["blocks_total"],
+        "blocks_total": run["blocks_total"], "reverted_blocks": run["reverted_blocks"],
         "refined_types": dict(sorted(Counter(r["type"] for r in refined.values()).items())),
         "passthrough_types": dict(sorted(Counter(p["type"] for p in
                                                  plan.passthrough.values()).items())),

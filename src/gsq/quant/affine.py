@@ -7,7 +7,7 @@ that record in torch; `AffineShiftQuantizer` relaxes its codes with Gumbel-Softm
 | type's codes            | candidates (K)                             | prior c̃ (minus its mean) |
 |-------------------------|--------------------------------------------|--------------------------|
 | <= 4 (Q2_K, TQ2_0, ...) | every code of the range                    | -(v_k - q)²/2            |
-| more (Q4_K, Q3_K, ...)  | q + δ, δ ∈ {-2..2}, clipped into the range | -δ²/2                    |
+| more (Q3_K, Q4_K, Q5_*) | q + δ, δ ∈ {-2..2}, clipped into the range | -δ²/2                    |
 
 with q the file's code, and logits ℓ = σ_init·(ε + α·c̃) as for the other quantizers (α = 6 unless
 `InitConfig.init_strength` says otherwise). The soft weight is
