@@ -3,11 +3,18 @@ downloads)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter (tests/kernels). TRITON_INTERPRET must be set
+# before anything imports triton (compressed-tensors and transformers do, during collection):
+# triton's own library functions are compiled-or-interpreted when triton.language is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_VOCAB = 256
 TINY_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
