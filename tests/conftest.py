@@ -90,3 +90,34 @@ def build_random_windows(counts: dict[str, int], seqlen: int,
 def random_windows() -> Callable[..., dict[str, torch.Tensor]]:
     """Factory: `random_windows({"train": 16, ...}, seqlen, seed=0)`."""
     return build_random_windows
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The real llama.cpp client; a missing package fails loudly (CI installs `.[dev]`)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("llama-cpp-python is needed for the GGUF tests: pip install -e '.[dev]'")
+    return llama_cpp
+
+
+def _byte_bpe_tokenizer():
+    """Byte-level BPE (GPT-2 pre-tokenizer) with a few merges: convertible to GGUF."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")]
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.fixture(scope="session")
+def build_byte_bpe_tokenizer() -> Callable:
+    """Factory of a small byte-level BPE tokenizer (a new object per call)."""
+    return _byte_bpe_tokenizer

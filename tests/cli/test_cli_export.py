@@ -28,15 +28,6 @@ QUANTIZE = ["--method", "rtn", "--bits", "2", "--group-size", "64", "--bits-over
             "--seqlen", "32"]
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.fail("llama-cpp-python is needed for the GGUF tests: pip install -e '.[dev]'")
-    return llama_cpp
-
-
 def _text(n_chars: int, seed: int) -> str:
     rng = random.Random(seed)
     words: list[str] = []
@@ -45,27 +36,12 @@ def _text(n_chars: int, seed: int) -> str:
     return " ".join(words) + "\n"
 
 
-def _bpe_tokenizer():
-    """Byte-level BPE (GPT-2 pre-tokenizer) with a few merges: convertible to GGUF."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")]
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_llama) -> dict[str, Path]:
+def files(tmp_path_factory, tiny_llama, build_byte_bpe_tokenizer) -> dict[str, Path]:
     """A tiny HF Llama, calibration and evaluation text, and its `gsq quantize` directory
     (2-bit g64 MLPs, 4-bit g64 attention, RTN)."""
     root = tmp_path_factory.mktemp("cli-export")
-    tokenizer = _bpe_tokenizer()
+    tokenizer = build_byte_bpe_tokenizer()
     tiny_llama(0, vocab_size=len(tokenizer)).save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
     (root / "calib.txt").write_text(_text(6000, 0))

@@ -44,15 +44,6 @@ PROBE = "The cat's 12 hats,  123 times!\n\n  naïve café — ok?\tthe end 2024.
 SEQLEN, MAX_TOKENS = 128, 1024
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.fail("llama-cpp-python is needed for the GGUF tests: pip install -e '.[dev]'")
-    return llama_cpp
-
-
 def build_bpe_tokenizer(pre: str = "gpt-2"):
     """Byte-level BPE: 256 byte tokens, a few merges, one special token (<|endoftext|>).
 

@@ -38,15 +38,6 @@ SMALL = BUDGET.replace(nsamples=8, qk_steps=10, max_blocks=1,
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n")]
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.fail("llama-cpp-python is needed for the GGUF tests: pip install -e '.[dev]'")
-    return llama_cpp
-
-
 def bpe_tokenizer():
     """Byte-level BPE (GPT-2 pre-tokenizer) with a few merges: what write_base_gguf converts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -38,36 +38,12 @@ DOWN = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
 
 
 @pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.fail("llama-cpp-python is needed for the GGUF tests: pip install -e '.[dev]'")
-    return llama_cpp
-
-
-def _bpe_tokenizer():
-    """Byte-level BPE (GPT-2 pre-tokenizer) with a few merges: convertible to GGUF."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")]
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_llama) -> dict[str, Path]:
+def files(tmp_path_factory, tiny_llama, build_byte_bpe_tokenizer) -> dict[str, Path]:
     """The tiny HF Llama (256-wide, 320-wide MLP) and a calibration text."""
     from gsq.data.calibration import bundled_text_path, read_text
 
     root = tmp_path_factory.mktemp("target")
-    tokenizer = _bpe_tokenizer()
+    tokenizer = build_byte_bpe_tokenizer()
     model = tiny_llama(0, vocab_size=len(tokenizer), hidden_size=256, intermediate_size=320)
     model.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
