@@ -302,6 +302,34 @@ def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int
     return device if need < free // 4 else torch.device("cpu")
 
 
+@dataclass
+class RunStart:
+    """What the block loop starts from: the blocks, how many to quantize, the block call kwargs,
+    where activations live, and the inputs of block 0 for every calibration split."""
+
+    blocks: nn.ModuleList
+    n_blocks: int
+    ctx: dict[str, Any]
+    home: torch.device
+    bufs: Buffers
+
+
+def prepare_run(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
+                cfg: QuantizeConfig, device: torch.device) -> RunStart:
+    """Embeddings on the device, block context captured, block-0 inputs of the train/val/GPTQ
+    windows `(N, T)` captured onto their home (`activation_home`)."""
+    blocks = adapter.blocks(model)
+    n_blocks = min(len(blocks), cfg.max_blocks or len(blocks))
+    for module in adapter.embedding_modules(model):
+        module.to(device)
+    ctx = capture_block_context(model, adapter, cfg.seqlen, device)
+    home = activation_home(cfg, windows, model.config.hidden_size, device)
+    bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
+                                          cfg.train.micro_batch_size).to(home)
+                     for s in ("train", "val", "gptq")))
+    return RunStart(blocks, n_blocks, ctx, home, bufs)
+
+
 def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
                      cfg: QuantizeConfig, device: torch.device, progress: bool = True,
                      init_provider: InitProvider | None = None,
@@ -314,17 +342,8 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    blocks = adapter.blocks(model)
-    n_blocks = min(len(blocks), cfg.max_blocks or len(blocks))
-    for module in adapter.embedding_modules(model):
-        module.to(device)
-    ctx = capture_block_context(model, adapter, cfg.seqlen, device)
-    # Activations live on the host between blocks (unless offload is off): only the current
-    # block and its training state occupy the device.
-    home = activation_home(cfg, windows, model.config.hidden_size, device)
-    bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
-                                          cfg.train.micro_batch_size).to(home)
-                     for s in ("train", "val", "gptq")))
+    run = prepare_run(model, adapter, windows, cfg, device)
+    blocks, n_blocks, ctx, bufs = run.blocks, run.n_blocks, run.ctx, run.bufs
     records, block_reports = {}, []
     for index in tqdm(range(n_blocks), desc="blocks", unit="block", disable=not progress):
         block = blocks[index]

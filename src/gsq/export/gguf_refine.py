@@ -440,18 +440,12 @@ def refine_blocks(model: nn.Module, adapter, windows: dict[str, Tensor], test: T
     block entries carry an "acceptance" entry; "reverted_blocks" lists the reverted ones."""
     from tqdm.auto import tqdm
 
-    from gsq.calib.capture import capture_block_context, capture_block_inputs
-    from gsq.calib.sequential import Buffers, activation_home, quantize_block
+    from gsq.calib.capture import capture_block_inputs
+    from gsq.calib.sequential import Buffers, prepare_run, quantize_block
 
     t0, micro = time.perf_counter(), cfg.train.micro_batch_size
-    blocks = adapter.blocks(model)
-    n_blocks = min(len(blocks), cfg.max_blocks or len(blocks))
-    for module in adapter.embedding_modules(model):
-        module.to(device)
-    ctx = capture_block_context(model, adapter, cfg.seqlen, device)
-    home = activation_home(cfg, windows, model.config.hidden_size, device)
-    bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device, micro).to(home)
-                     for s in ("train", "val", "gptq")))
+    run = prepare_run(model, adapter, windows, cfg, device)
+    blocks, n_blocks, ctx, home, bufs = run.blocks, run.n_blocks, run.ctx, run.home, run.bufs
     held = capture_block_inputs(model, adapter, test, device, micro).to(home) if len(test) else None
     provider, records, reports, reverted = make_provider(plan), {}, [], []
     prefix, inputs = adapter.first_block_prefix(), "val" if held is None else "test"
