@@ -367,9 +367,31 @@ def test_overrides_pick_types_by_module_hf_or_gguf_name(qdir, tmp_path):
     assert report["quantized_types"]["Q8_0"] == 3
 
 
+def test_unquantized_embedding_converted_to_q8_0_by_the_reference_rounding(llama_cpp, qdir,
+                                                                          tmp_path):
+    """`--type token_embd=Q8_0` (as in llama.cpp's own files): the gguf package's Q8_0 rounding of
+    the float table, reported as converted; llama.cpp runs the file."""
+    import gguf
+
+    from gsq.eval.llamacpp import llamacpp_perplexity
+
+    out = tmp_path / "e.gguf"
+    report = export_gguf(qdir[0], out, type_overrides={"token_embd": "Q8_0"})
+    assert report["converted"] == {"model.embed_tokens": "Q8_0"}
+    tensor = tensors_by_name(out)["token_embd.weight"]
+    assert tensor.type_name == "Q8_0"
+    table = qdir[1].model.embed_tokens.weight.detach().float().numpy()
+    expected = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape), expected)
+    decoded = gguf.quants.dequantize(expected, gguf.GGMLQuantizationType.Q8_0)
+    assert np.abs(decoded - table).max() <= np.abs(table).max() / 127  # one Q8_0 step at most
+    ppl = llamacpp_perplexity(out, eval_tokens(qdir[3]), SEQLEN, MAX_TOKENS, progress=False)
+    assert np.isfinite(ppl["ppl"])
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"*.nothing_here": "Q4_0"}, "matches no tensor"),
-    ({"model.embed_tokens": "Q4_0"}, "not quantized by gsq"),
+    ({"model.embed_tokens": "Q2_K"}, "not quantized by gsq"),
     ({"*_norm*": "F16"}, "always stored as F32"),
     ({"*.q_proj": "Q5_9"}, "GGUF type must be one of"),
 ])

@@ -50,6 +50,11 @@ from gsq.quant.types import QuantizedWeight
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# Block types a tensor gsq did not quantize (embeddings, an untied lm_head) may be converted to
+# with `--type PATTERN=TYPE`, rounded by the gguf package's reference quantizers as llama.cpp does
+# (lossy by nature, listed in the report's "converted"), e.g. token_embd=Q8_0 as in llama.cpp's
+# own Q4_K_M / Q4_0 files.
+CONVERTIBLE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
 # llama.cpp types that the gguf package (0.19) lacks: name -> (type id, elements/block, bytes/block)
 _EXTRA_TYPES = {"Q2_0": (42, 64, 18)}
@@ -370,9 +375,9 @@ def _apply_overrides(planned: list[PlannedTensor], overrides: dict[str, str]) ->
         for t in hits:
             if len(t.shape) == 1 and qtype != "F32":
                 raise GSQError(f"'{t.hf_name}' is 1-D (a norm); it is always stored as F32")
-            if t.record is None and qtype not in FLOAT_TYPES:
+            if t.record is None and qtype not in FLOAT_TYPES + CONVERTIBLE_TYPES:
                 raise GSQError(f"'{t.module}' was not quantized by gsq; it can only be stored as "
-                               f"{', '.join(FLOAT_TYPES)}, not {qtype}")
+                               f"{', '.join(FLOAT_TYPES + CONVERTIBLE_TYPES)}, not {qtype}")
             t.qtype = qtype
 
 
@@ -424,7 +429,8 @@ def encode_tensor(t: PlannedTensor, hp: LlamaHParams, lossy: bool) -> np.ndarray
 
 
 def encode_float(weight: torch.Tensor, qtype: str, name: str) -> np.ndarray:
-    """fp32 tensor -> F32 / F16 array, or BF16 as uint8 bytes [..., 2 * n]."""
+    """fp32 tensor -> F32 / F16 array, or BF16 / a CONVERTIBLE_TYPES block type as uint8 bytes
+    [..., row bytes] (the gguf package's reference rounding)."""
     import gguf
 
     array = weight.numpy().astype(np.float32, copy=False)
@@ -435,7 +441,7 @@ def encode_float(weight: torch.Tensor, qtype: str, name: str) -> np.ndarray:
         if not np.isfinite(half).all() and np.isfinite(array).all():
             raise GSQError(f"'{name}' overflows F16; use --float-type F32 or BF16")
         return half
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16)
+    return gguf.quants.quantize(array, gguf.GGMLQuantizationType[qtype])
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,7 +667,8 @@ def export_gguf(qdir: str | Path, out: str | Path, *, float_type: str = "F16",
     quantized tensors whose type cannot hold s·c exactly are rounded (listed in the report's
     "inexact"); without it that is a GSQError and nothing is written.
     Returns {"out", "file_bytes", "tensors", "tensor_types", "quantized_tensors",
-    "quantized_types", "quantized_bpw", "tokenizer", "inexact"}.
+    "quantized_types", "quantized_bpw", "tokenizer", "inexact", "converted"}; "converted" lists
+    the tensors gsq did not quantize that an override stored in a block type (CONVERTIBLE_TYPES).
     """
     qdir = Path(qdir)
     if not is_quantized_dir(qdir):
@@ -674,7 +681,9 @@ def export_gguf(qdir: str | Path, out: str | Path, *, float_type: str = "F16",
     tokenizer_kv, tokenizer_from = quantized_dir_tokenizer(qdir, hp.n_vocab)
     report = write_gguf(out, hp, planned, tokenizer_kv, name=qdir.resolve().name, lossy=lossy,
                         overwrite=overwrite)
-    report.update({"tokenizer": tokenizer_from, "inexact": inexact})
+    converted = {t.module: t.qtype for t in planned
+                 if t.record is None and t.qtype in CONVERTIBLE_TYPES}
+    report.update({"tokenizer": tokenizer_from, "inexact": inexact, "converted": converted})
     log.info("wrote %s: %d tensors %s, %.2f MiB, %.3f bpw in quantized tensors", out,
              report["tensors"], report["tensor_types"], report["file_bytes"] / 2**20,
              report["quantized_bpw"] or float("nan"))
