@@ -8,9 +8,8 @@ One row per GGUF file of the base model (SmolLM2-135M-Instruct by default):
   gsq-Q2_0       `gsq quantize --bits 2 --group-size 64` -> export (Q2_0)
   gsq-Q2_K ...   `gsq quantize --target gguf:Q2_K|Q3_K|Q4_K` -> export (rows that are not whole
                  256-blocks, i.e. every linear whose input width is 576, use the Q4_0 fallback)
-  gsq-*+embd     the same gsq file with token_embd replaced by llama.cpp's (Q8_0, copied byte for
-                 byte from lc-Q4_0): gsq exports keep non-quantized tensors in F16, llama.cpp
-                 quantizes the (tied) embedding, which alone is ~26 MB of the difference in size
+  gsq-*+embd     the same gsq model exported with `--type token_embd=Q8_0` (the tied embedding
+                 in Q8_0, as llama.cpp's own files store it; in F16 it alone is ~26 MB more)
   refine-Q2_K .. `gsq refine` of each lc-* file (same size and tensor types as its input)
 
 Columns: tensor types (count per type), file size in MB (10^6 bytes), bpw of the quantized
@@ -80,7 +79,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BASELINES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0")
 K_TARGETS = ("Q2_K", "Q3_K", "Q4_K")
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-EMBD_DONOR = "lc-Q4_0"  # llama.cpp file whose token_embd the +embd rows take
 AGREEMENT_PCT = 0.5
 SMOKE_BUDGET = ("--max-blocks 1 --nsamples 8 --val-samples 2 --gptq-samples 4 --seqlen 128 "
                 "--batch-size 2 --micro-batch-size 2 --epochs 4 --qk-steps 2")
@@ -115,7 +113,7 @@ def plan_rows() -> list[Row]:
     fresh += [Row(f"gsq-{t}", "gsq", f"gsq --target gguf:{t} (fallback Q4_0)",
                   flags=("--target", f"gguf:{t}"), needs="target") for t in K_TARGETS]
     rows += fresh
-    rows += [Row(f"{r.name}+embd", "embd", f"{r.name} with llama.cpp's token_embd",
+    rows += [Row(f"{r.name}+embd", "embd", f"{r.name} with token_embd in Q8_0",
                  parent=r.name, needs=r.needs) for r in fresh]
     rows += [Row(f"refine-{t}", "refine", f"gsq refine of lc-{t}", ftype=t, parent=f"lc-{t}",
                  needs="refine") for t in BASELINES]
@@ -162,35 +160,6 @@ def tensor_layout(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
 
 def same_size_and_types(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and tensor_layout(a) == tensor_layout(b)
-
-
-def replace_tensor(src: Path, donor: Path, name: str, out: Path) -> None:
-    """Copy of GGUF `src` whose tensor `name` (bytes and type) comes from `donor`; every key and
-    every other tensor's bytes unchanged (checked)."""
-    from gguf import GGUFValueType, GGUFWriter
-
-    from gsq.export.gguf_file import atomic_output_file, field_value, read_gguf, type_id
-
-    fields, tensors = read_gguf(src)
-    new = {t.name: t for t in read_gguf(donor)[1]}[name]
-    tensors = [new if t.name == name else t for t in tensors]
-    with atomic_output_file(out, overwrite=True) as tmp:
-        writer = GGUFWriter(tmp, field_value(fields["general.architecture"]))
-        for key, field in fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
-                continue
-            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field_value(field), field.types[0], sub_type=sub)
-        for t in tensors:
-            writer.add_tensor_info(t.name, list(t.shape), np.dtype(np.int8), t.data.nbytes,
-                                   raw_dtype=type_id(t.type_name))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            writer.write_tensor_data(np.ascontiguousarray(t.data))
-        writer.close()
-        check_replaced(src, tmp, name)
 
 
 def check_replaced(src: Path, out: Path, name: str) -> None:
@@ -352,14 +321,11 @@ class Table:
         return self.steps.run(rec, "export", out, lambda log: self.steps.cli(rec, argv, log))
 
     def embd_gguf(self, rec: dict, row: Row) -> Path:
-        src = self.gsq_gguf(rec, self.rows[row.parent])
-        donor = self.llamacpp_gguf(rec, self.rows[EMBD_DONOR].ftype)
-        out = self.work / f"{src.stem}+embd.gguf"
-
-        def make(log: Path) -> None:
-            replace_tensor(src, donor, "token_embd.weight", out)
-
-        return self.steps.run(rec, "embd", out, make)
+        qdir = self.gsq_dir(rec, self.rows[row.parent])
+        out = self.work / f"{qdir.name}+embd.gguf"
+        argv = ["export", str(qdir), "--format", "gguf", "--type", "token_embd=Q8_0",
+                "--out", str(out)]
+        return self.steps.run(rec, "embd", out, lambda log: self.steps.cli(rec, argv, log))
 
     def refined_gguf(self, rec: dict, row: Row) -> Path:
         src = self.llamacpp_gguf(rec, row.ftype)
