@@ -463,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     if args.quiet:
+        import os
+
         import transformers
 
+        os.environ["TQDM_DISABLE"] = "1"  # also bars that bypass transformers' switch (GGUF load)
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export,
