@@ -182,7 +182,7 @@ def test_compressed_tensors_is_dispatched(capsys, files, tmp_path, monkeypatch):
     (["--format", "gguf", "--type", "*.q_proj=Q4_K"], "Q4_K"),  # rows of 64: no 256-blocks
     (["--format", "gguf", "--type", "*.nothing=Q4_0"], "matches no tensor"),
     (["--format", "gguf", "--type", "*.q_proj=Q7_7"], "GGUF type must be one of"),
-    (["--format", "gguf", "--type", "model.embed_tokens=Q4_0"], "not quantized by gsq"),
+    (["--format", "gguf", "--type", "model.embed_tokens=Q2_K"], "not quantized by gsq"),
 ])
 def test_bad_export_flags(capsys, files, tmp_path, flags, needle):
     out = tmp_path / "x.gguf"
