@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -42,19 +44,48 @@ def reference_budget(**changes) -> QuantizeConfig:
                           seqlen=2048, train=train, **changes)
 
 
+def train_overrides(pairs: list[str]) -> dict:
+    """`--train KEY=VALUE ...` -> TrainConfig changes, each value parsed as its field's type
+    ("none" -> None)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--train {pair!r}: expected KEY=VALUE with KEY in {sorted(fields)}")
+        default = getattr(TrainConfig(), key)
+        if isinstance(default, tuple):
+            raise SystemExit(f"--train {key}: tuple fields are not supported here")
+        if value.lower() == "none":
+            changes[key] = None
+        elif isinstance(default, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            changes[key] = type(default)(value)
+        else:
+            changes[key] = value
+    return changes
+
+
+def with_train(cfg: QuantizeConfig, changes: dict) -> QuantizeConfig:
+    return cfg.replace(train=dataclasses.replace(cfg.train, **changes)) if changes else cfg
+
+
 def planned_rows(args) -> list[tuple[str, QuantizeConfig]]:
     rows = []
     common = {"group_size": args.group_size, "seed": args.seed, "max_blocks": args.max_blocks}
+    changes = train_overrides(args.train)
+    tag = f" [{' '.join(args.train)}]" if args.train else ""
     for bits in args.bits:
         if "main" in args.rows:
             for method in args.methods:
-                cfg = PRESETS[args.preset](method=method, bits=bits, **common)
-                rows.append((f"{method.upper()} {bits}-bit ({args.preset} preset)", cfg))
+                cfg = with_train(PRESETS[args.preset](method=method, bits=bits, **common), changes)
+                rows.append((f"{method.upper()} {bits}-bit ({args.preset} preset){tag}", cfg))
         if "reference" in args.rows and bits in (2, 3):
-            for method in ("gptq", "gsq"):
+            for method in ("rtn", "gptq", "gsq"):
                 if method in args.methods:
-                    cfg = reference_budget(method=method, bits=bits, **common)
-                    rows.append((f"{method.upper()} {bits}-bit MLP-only (ref. budget)", cfg))
+                    cfg = with_train(reference_budget(method=method, bits=bits, **common), changes)
+                    rows.append((f"{method.upper()} {bits}-bit MLP-only (ref. budget){tag}", cfg))
     return rows
 
 
@@ -88,7 +119,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-base", action="store_true", help="skip the base-model row")
     p.add_argument("--json", default=None)
+    p.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig changes for every row, e.g. autocast=bf16 logit_travel=0.07")
+    p.add_argument("--fused", action="store_true",
+                   help="fused Triton sampler on CUDA (sets GSQ_FUSED=1 for this run)")
     args = p.parse_args()
+    if args.fused:
+        os.environ["GSQ_FUSED"] = "1"
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -119,7 +156,8 @@ def run_meta(device: torch.device) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-            "command": " ".join(sys.argv), "torch": torch.__version__}
+            "command": " ".join(sys.argv), "torch": torch.__version__,
+            "gsq_fused": os.environ.get("GSQ_FUSED", "0")}
 
 
 if __name__ == "__main__":

@@ -356,6 +356,8 @@ def _add_refine_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=_positive, help=what)
     p.add_argument("--epochs", type=int, help="epochs per stage")
     p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
+    p.add_argument("--autocast", choices=("bf16", "fp16"),
+                   help="16-bit matmuls in the stage forward/backward (as `gsq quantize`)")
     p.add_argument("--heldout-samples", type=int, default=None,
                    help="extra windows to compare block outputs of the input and the refined "
                         "file with the base (default: --val-samples; 0 = skip)")
@@ -373,7 +375,8 @@ def build_refine_config(args: argparse.Namespace):
 
     base = PRESETS[args.preset]()
     train = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
-                               "micro_batch_size": args.micro_batch_size}.items() if v is not None}
+                               "micro_batch_size": args.micro_batch_size,
+                               "autocast": args.autocast}.items() if v is not None}
     changes = {k: v for k, v in {
         "nsamples": args.nsamples, "val_samples": args.val_samples,
         "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
