@@ -405,7 +405,8 @@ def test_lion_pytorch_triton_update_matches_torch_update():
     else:
         grid = (triton.cdiv(p.numel(), 1024),)
         update_fn_kernel.fn[grid](p, g, m, lr, wd, b1, b2, p.numel(), BLOCK_SIZE=1024)
-    torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-9)
+    # fp32 round-off only (the compiled kernel fuses multiply-adds: ~1 ulp of |p| ~ 0.01)
+    torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-9)
     # the kernel forms the momentum as (m - g)·β + g: the same value up to fp32 round-off
     torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-8)
 
