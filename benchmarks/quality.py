@@ -47,7 +47,7 @@ def reference_budget(**changes) -> QuantizeConfig:
 def train_overrides(pairs: list[str]) -> dict:
     """`--train KEY=VALUE ...` -> TrainConfig changes, each value parsed as its field's type
     ("none" -> None)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     changes = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
