@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -466,8 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     if args.quiet:
-        import os
-
         import transformers
 
         os.environ["TQDM_DISABLE"] = "1"  # also bars that bypass transformers' switch (GGUF load)

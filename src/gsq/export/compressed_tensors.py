@@ -1,12 +1,11 @@
 """Export a gsq quantized directory as a compressed-tensors `pack-quantized` checkpoint.
 
 The output is a Hugging Face checkpoint that `transformers` (with the `compressed-tensors` package)
-and vLLM load. Per quantized Linear with prefix P and weight `(out, in)` it holds
-(spec: shared/spec/formats.md, section A):
+and vLLM load. Per quantized Linear with prefix P and weight `(out, in)` it holds:
 
   P.weight_packed  int32 `(out, ceil(in*b/32))`  codes c offset to u = c + 2**(b-1), packed along
                                                    the input dimension by compressed-tensors'
-                                                   own `pack_to_int32` (dense layout, A.3)
+                                                   own `pack_to_int32` (dense layout)
   P.weight_scale   float `(out, in/G)`            the group scales s, in the checkpoint's dtype
   P.weight_shape   int64 `(2,)`                   `[out, in]`
 
@@ -19,7 +18,7 @@ stored grid can hold the negated codes (containers, ternary) a negative group sc
 positive by negating scale and codes, which leaves s*c unchanged; only native 2-bit (and 3-/4-bit
 groups whose -qmin does not fit) keep negative scales.
 
-3-bit packing changed in compressed-tensors 0.18 (padded -> dense; A.3). The layout actually
+3-bit packing changed in compressed-tensors 0.18 (padded -> dense). The layout actually
 produced by the installed library is probed, recorded in `config.json` (the library `version`
 inside `quantization_config` plus the top-level `gsq_export.packing_layout`), and native 3-bit
 is refused with the old padded layout.
@@ -100,7 +99,7 @@ def pack_codes(codes: Tensor, num_bits: int) -> Tensor:
 
 
 def packing_layout() -> str:
-    """'dense' or 'padded': how the installed packer lays out 3-bit codes (formats.md A.3).
+    """'dense' or 'padded': how the installed packer lays out 3-bit codes.
 
     32 three-bit codes take 3 words densely and ceil(32/10) = 4 words padded; for 1/2/4/8 bits
     the two layouts coincide.
@@ -269,7 +268,7 @@ def config_groups(schemes: dict[str, tuple[int, int]]) -> dict[str, dict]:
 
 def quantization_config(schemes: dict[str, tuple[int, int]], ignore: list[str],
                         version: str) -> dict:
-    """The `quantization_config` of config.json (formats.md A.1), checked by the library."""
+    """The `quantization_config` of config.json, checked by the library."""
     qconfig = {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
