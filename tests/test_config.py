@@ -71,3 +71,12 @@ def test_replace_revalidates():
 def test_negative_qk_steps_rejected():
     with pytest.raises(ValueError, match="qk_steps"):
         QuantizeConfig(qk_steps=-5)
+
+
+def test_act_order_survives_serialisation():
+    cfg = cpu_preset(method="gptq", act_order=True)
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as written into gsq_config.json / report
+    assert saved["act_order"] is True and saved["static_groups"] is False
+    assert QuantizeConfig().to_dict()["act_order"] is False
+    scalars = {k: v for k, v in saved.items() if not isinstance(v, dict | list)}
+    assert QuantizeConfig(**scalars).act_order is True

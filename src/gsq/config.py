@@ -40,7 +40,10 @@ class QuantizeConfig:
     init_cfg: InitConfig = field(default_factory=InitConfig)
     percdamp: float = 0.1  # GPTQ damping, fraction of mean diag(H)
     gptq_block_size: int = 128
-    static_groups: bool = False
+    static_groups: bool = False  # GPTQ: all group scales searched before the solve
+    # GPTQ: solve columns by decreasing diag(H) ("desc_act") on the same group-wise grid;
+    # implies static_groups
+    act_order: bool = False
     seed: int = 0
     # Where calibration activations live between uses: True = host, False = the device,
     # None = the device when they fit in a quarter of its free memory, else the host.

@@ -189,6 +189,17 @@ def test_gsq_with_rtn_init(tiny_llama_dir, calib_file, tmp_path):
     assert (out / "gsq_config.json").is_file()
 
 
+def test_gptq_with_act_order(tiny_llama_dir, calib_file, tmp_path):
+    from gsq.cli.__main__ import build_config, build_parser
+
+    out = tmp_path / "out"
+    assert main(_quantize_args(tiny_llama_dir, out, calib_file, "--method", "gptq",
+                               "--act-order")) == 0
+    assert json.loads((out / "gsq_config.json").read_text())["config"]["act_order"] is True
+    default = build_parser().parse_args(_quantize_args(tiny_llama_dir, out, calib_file))
+    assert build_config(default).act_order is False
+
+
 def test_eval_json_in_missing_folder(capsys, tiny_llama_dir, eval_file, tmp_path):
     target = tmp_path / "nope" / "result.json"
     assert main(["-q", "eval", str(tiny_llama_dir), "--text", str(eval_file), "--seqlen", "16",

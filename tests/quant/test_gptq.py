@@ -1,13 +1,16 @@
-"""GPTQ with signed group scales against RTN on a synthetic least-squares problem (method §7)."""
+"""GPTQ with signed group scales against RTN on a synthetic least-squares problem (method §7),
+and its activation order (act_order) on the original group-wise grid."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from gsq.export.gguf_blocks import exact_problem
 from gsq.quant.gptq import gptq_quantize, layer_output_error
 from gsq.quant.grids import search_group_scales
 from gsq.quant.rtn import rtn_quantize
+from gsq.quant.target import target_spec
 from gsq.quant.types import QuantSpec
 
 BITS = [2, 3, 4, "ternary"]
@@ -128,3 +131,87 @@ def test_gptq_does_not_modify_inputs(problem):
     W0, H0 = W.clone(), H.clone()
     gptq_quantize(W, H, QuantSpec(2, G))
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation order: columns solved by decreasing diag(H), groups and scales of the input order
+
+
+def _uneven_problem(seed: int, n: int = N, d: int = D, out: int = OUT):
+    """W `(out, d)` and H of AR(1) inputs (rho 0.9) whose column magnitudes vary by e^N(0, 1),
+    in no particular order, so diag(H) is far from sorted (float64)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    X = _correlated_inputs(n, d, seed=seed).double()
+    X = X * torch.exp(torch.randn(d, generator=gen, dtype=torch.float64))
+    W = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    return W, 2.0 / n * X.T @ X
+
+
+@pytest.mark.parametrize("bits", [2, 3, "ternary"])
+def test_act_order_keeps_the_original_group_grid(bits):
+    W, H = _uneven_problem(0)
+    spec = QuantSpec(bits, G)
+    qw = gptq_quantize(W, H, spec, act_order=True)
+    assert qw.codes.dtype == torch.int8 and qw.codes.shape == W.shape
+    assert int(qw.codes.min()) >= spec.qmin and int(qw.codes.max()) <= spec.qmax
+    # act_order implies static groups: scales of the original groups of the original weights
+    static = gptq_quantize(W, H, spec, static_groups=True)
+    assert torch.equal(qw.scale, static.scale)
+    assert torch.equal(qw.scale, search_group_scales(W.float().view(OUT, D // G, G), spec))
+    # dequantized weight: codes times the scale of each column's original group k = col // G
+    for k in range(D // G):
+        cols = slice(k * G, (k + 1) * G)
+        expected = qw.codes[:, cols].float() * qw.scale[:, k : k + 1]
+        assert torch.equal(qw.dequantize()[:, cols], expected)
+    assert not torch.equal(qw.codes, static.codes)  # a different solve order, other codes
+    err_rtn = layer_output_error(W, rtn_quantize(W, spec).dequantize(torch.float64), H)
+    assert layer_output_error(W, qw.dequantize(torch.float64), H) < 0.6 * err_rtn
+
+
+def test_act_order_with_sorted_diagonal_equals_static_groups(problem):
+    """diag(H) already strictly decreasing: the order is the identity, the result identical."""
+    W, H, _ = problem
+    d = (torch.linspace(2.0, 0.5, D) / torch.diag(H)).sqrt()
+    H = d[:, None] * H * d[None, :]  # diag(H) = linspace(2, 0.5): strictly decreasing
+    assert (torch.diff(torch.diag(H)) < 0).all()
+    for bits in (2, 3, "ternary"):
+        spec = QuantSpec(bits, G)
+        a, s = gptq_quantize(W, H, spec, act_order=True), gptq_quantize(W, H, spec,
+                                                                        static_groups=True)
+        assert torch.equal(a.codes, s.codes) and torch.equal(a.scale, s.scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_act_order_lowers_the_output_error(bits):
+    """Uneven input magnitudes: rounding the heavy columns first lowers tr(ΔW H ΔWᵀ) against
+    static groups in the input order (on 40 seeds every 4-seed mean ratio was <= 0.71)."""
+    spec = QuantSpec(bits, G)
+    err_act, err_static = [], []
+    for seed in range(4):
+        W, H = _uneven_problem(seed)
+        act = gptq_quantize(W, H, spec, act_order=True)
+        static = gptq_quantize(W, H, spec, static_groups=True)
+        err_act.append(layer_output_error(W, act.dequantize(torch.float64), H))
+        err_static.append(layer_output_error(W, static.dequantize(torch.float64), H))
+    mean_act, mean_static = sum(err_act) / 4, sum(err_static) / 4
+    assert mean_act < 0.85 * mean_static, (err_act, err_static)
+
+
+def test_act_order_dead_columns_are_zero(problem):
+    W, _, X = problem
+    X = X.clone()
+    dead = [0, 5, 17, 63]
+    X[:, dead] = 0.0
+    H = 2.0 / X.shape[0] * X.T @ X
+    qw = gptq_quantize(W, H, QuantSpec(2, G), act_order=True)
+    assert (qw.codes[:, dead] == 0).all() and torch.isfinite(qw.dequantize()).all()
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_0"])
+def test_act_order_on_a_gguf_lattice_is_held_exactly(name):
+    """The lattice and scales are fixed on the original weights; the result stays storable."""
+    W, H = _uneven_problem(1, d=512, out=8)
+    spec = target_spec(name)
+    qw = gptq_quantize(W, H, spec, act_order=True)
+    assert exact_problem(name, qw) is None
+    assert torch.equal(qw.scale, gptq_quantize(W, H, spec, static_groups=True).scale)

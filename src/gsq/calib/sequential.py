@@ -129,7 +129,7 @@ def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro) -> tuple[di
     for group in stage.gptq_groups(list(specs)):
         H.update(_hessians(bc, adapter, group, bufs.gptq, micro))
         done = {n: gptq_quantize(bc.W_f[n], H[n], specs[n], cfg.percdamp, cfg.gptq_block_size,
-                                 cfg.static_groups) for n in group}
+                                 cfg.static_groups, cfg.act_order) for n in group}
         _set_weights(bc.block, done)
         init.update(done)
     return init, H

@@ -98,6 +98,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep the last epoch even if the held-out loss rose (reference behaviour)")
     p.add_argument("--scope", choices=("all", "mlp-only"), default="all")
     p.add_argument("--init", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ (the gptq method and GSQ's gptq init): solve the columns in order "
+                        "of decreasing Hessian diagonal; groups and scales stay those of the "
+                        "original column order (scales searched before the solve)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="keep modules matching this fnmatch pattern in full precision")
     p.add_argument("--bits-override", action="append", default=[], type=_override,
@@ -137,7 +141,7 @@ def build_config(args: argparse.Namespace):
     try:
         cfg = base.replace(
             method=args.method, bits=2 if args.bits is None else args.bits,
-            group_size=args.group_size or 128, init=args.init,
+            group_size=args.group_size or 128, init=args.init, act_order=args.act_order,
             scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
             seed=args.seed, offload_activations=_offload_choice(args),
             train=dataclasses.replace(base.train, **train_changes), **changes)

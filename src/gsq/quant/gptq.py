@@ -5,6 +5,13 @@ spread over the not-yet-quantized columns through the upper Cholesky factor of H
 is searched when the solver reaches its first column, on the already-updated weights (or, with
 `static_groups`, on the original weights before the loop).
 
+With `act_order` ("desc_act") the solver takes the columns in order of decreasing (damped) diag(H),
+so the inputs that matter most are rounded first and their error is absorbed by the rest. Groups
+stay those of the original column order (group k = columns k·g .. k·g+g-1), each column rounded
+with its original group's scale, so the result is the same plain group-wise grid; as a group's
+columns are then scattered over the solve, its scale must exist before the loop: `act_order`
+implies `static_groups`.
+
 With a GGUF target (`spec.target`) scales are searched among the type's storable ones: the
 lattice (for K types the fp16 step d of each 256-column super-block) is fixed before the loop by
 `lattice.target_lattice` on the original weights, and each group's scale is then searched on it
@@ -42,28 +49,20 @@ def _search(x: Tensor, spec: QuantSpec, lattice, first: int) -> Tensor:
     return lattice.search(x, first)
 
 
-def gptq_quantize(
-    W: Tensor,
-    H: Tensor,
-    spec: QuantSpec,
-    percdamp: float = 0.1,
-    block_size: int = 128,
-    static_groups: bool = False,
-) -> QuantizedWeight:
-    """Quantize `W` `(out, in)` against the layer Hessian `H` `(in, in)`."""
+def _act_order(H: Tensor, dead: Tensor) -> Tensor:
+    """Column order `(in,)`: decreasing damped diag(H), dead columns last, ties in input order."""
+    key = torch.diag(H).masked_fill(dead, float("-inf"))
+    return torch.sort(key, descending=True, stable=True).indices
+
+
+def _solve(W: Tensor, Hinv: Tensor, scale: Tensor, groups: list[int], spec: QuantSpec, lattice,
+           block_size: int, static: bool) -> Tensor:
+    """Codes `(out, in)` of `W` `(out, in)` in solver order; `groups[j]` is the scale column of
+    solver column j. Without `static`, a group's scale `scale[:, k]` is searched (and written) at
+    its first column, on the updated weights. `W` is updated in place."""
     out, cols = W.shape
     g = spec.group_size
-    if cols % g != 0:
-        raise ValueError(f"group size {g} does not divide input width {cols}")
-    W = W.detach().clone().float()
-    H, dead = damp_hessian(H.float().to(W.device), percdamp)
-    W[:, dead] = 0.0
-    Hinv = _inverse_cholesky_upper(H)  # (in, in), upper
-    scale = torch.zeros(out, cols // g, dtype=torch.float32, device=W.device)
     codes = torch.zeros(out, cols, dtype=torch.int8, device=W.device)
-    lattice = target_lattice(W, spec) if spec.target is not None else None
-    if static_groups:
-        scale = _search(W.reshape(out, cols // g, g), spec, lattice, 0)
     bs = _solver_block_size(g, block_size)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
@@ -72,10 +71,10 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0 and not static_groups:
+            if col % g == 0 and not static:
                 x = W1[:, i : i + g].unsqueeze(1)  # (out, 1, g)
                 scale[:, col // g] = _search(x, spec, lattice, col // g)[:, 0]
-            s = scale[:, col // g]
+            s = scale[:, groups[col]]  # (out,)
             w = W1[:, i]
             q = round_to_grid(w, s, spec)
             codes[:, col] = q.to(torch.int8)
@@ -83,6 +82,45 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
+
+
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    percdamp: float = 0.1,
+    block_size: int = 128,
+    static_groups: bool = False,
+    act_order: bool = False,
+) -> QuantizedWeight:
+    """Quantize `W` `(out, in)` against the layer Hessian `H` `(in, in)`.
+
+    `static_groups`: search all group scales on the original weights before the loop.
+    `act_order`: solve the columns in order of decreasing diag(H); implies `static_groups` (the
+    codes and scales returned are in the original column order either way).
+    """
+    out, cols = W.shape
+    g = spec.group_size
+    if cols % g != 0:
+        raise ValueError(f"group size {g} does not divide input width {cols}")
+    W = W.detach().clone().float()
+    H, dead = damp_hessian(H.float().to(W.device), percdamp)
+    W[:, dead] = 0.0
+    lattice = target_lattice(W, spec) if spec.target is not None else None
+    static = static_groups or act_order
+    if static:
+        scale = _search(W.reshape(out, cols // g, g), spec, lattice, 0)  # (out, in/g)
+    else:
+        scale = torch.zeros(out, cols // g, dtype=torch.float32, device=W.device)
+    perm = _act_order(H, dead) if act_order else None  # (in,) solver column -> input column
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    groups = (perm if perm is not None else torch.arange(cols)).div(g, rounding_mode="floor")
+    Hinv = _inverse_cholesky_upper(H)  # (in, in), upper
+    codes = _solve(W, Hinv, scale, groups.tolist(), spec, lattice, block_size, static)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]  # back to the input column order
     return QuantizedWeight(codes, scale, spec, lattice=lattice)
 
 
