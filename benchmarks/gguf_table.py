@@ -80,6 +80,8 @@ BASELINES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0")
 K_TARGETS = ("Q2_K", "Q3_K", "Q4_K")
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 AGREEMENT_PCT = 0.5
+QUEUE = "llamacpp-queue.txt"  # --stage make appends the files it made, --stage llamacpp reads
+QUEUE_CLOSED = "llamacpp-queue.closed"  # made (by the caller) when no more files will come
 SMOKE_BUDGET = ("--max-blocks 1 --nsamples 8 --val-samples 2 --gptq-samples 4 --seqlen 128 "
                 "--batch-size 2 --micro-batch-size 2 --epochs 4 --qk-steps 2")
 
@@ -147,9 +149,18 @@ def file_info(path: Path) -> dict:
     linears = [t for t in tensors if is_block_linear(t.name, t.shape)]
     numel = sum(math.prod(t.shape) for t in linears)
     size = path.stat().st_size
-    return {"file": path.name, "file_bytes": size, "size_mb": size / 1e6,
+    return {"file": path.name, "file_bytes": size, "size_mb": size / 1e6, "md5": file_md5(path),
             "tensor_types": dict(sorted(Counter(t.type_name for t in tensors).items())),
             "bpw_quantized": 8 * sum(t.data.nbytes for t in linears) / numel if numel else None}
+
+
+def file_md5(path: Path) -> str:
+    """md5 of the file (to show that a file made on two machines is the same)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tensor_layout(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -225,8 +236,11 @@ class Steps:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = child_env(threads)
         self.threads = threads
-        self.times_file = work / "steps.json"
-        self.times = json.loads(self.times_file.read_text()) if self.times_file.exists() else {}
+        # one times file per process: several processes (--stage) may share the work folder
+        self.times = {}
+        for known in sorted(work.glob("steps*.json")):
+            self.times.update(json.loads(known.read_text()))
+        self.times_file = work / f"steps-{os.getpid()}.json"
         self._help: dict[str, str] = {}
 
     def run(self, record: dict, step: str, out: Path, make: Callable[[Path], None]) -> Path:
@@ -359,15 +373,23 @@ class Table:
         return json.loads(out.read_text())
 
     def measure(self, rec: dict, gguf: Path, reference: Path | str | None) -> None:
-        """File facts, llama.cpp's ppl and (with `reference`) gsq's ppl and their agreement."""
+        """File facts, llama.cpp's ppl and (with `reference`) gsq's ppl and their agreement.
+        In --stage make, llama.cpp's evaluation is left to --stage llamacpp: the file goes on
+        the queue."""
         rec.update(file_info(gguf))
+        ref = self.evaluate(rec, reference, "transformers") if reference is not None else None
+        if ref is not None:
+            rec.update(ppl_gsq=ref["ppl"], tokens_gsq=ref["tokens"])
+        if self.args.stage == "make":
+            if rec["kind"] != "llamacpp":
+                with open(self.work / QUEUE, "a") as fh:
+                    fh.write(f"{gguf}\n")
+            return
         lc = self.evaluate(rec, gguf, "llama.cpp")
         rec.update(ppl_llamacpp=lc["ppl"], tokens_llamacpp=lc["tokens"])
-        if reference is None:
+        if ref is None:
             return
-        ref = self.evaluate(rec, reference, "transformers")
-        rec.update(ppl_gsq=ref["ppl"], tokens_gsq=ref["tokens"],
-                   agreement_pct=100 * abs(lc["ppl"] - ref["ppl"]) / ref["ppl"])
+        rec["agreement_pct"] = 100 * abs(lc["ppl"] - ref["ppl"]) / ref["ppl"]
         if lc["tokens"] != ref["tokens"]:
             rec["notes"].append(f"token counts differ: llama.cpp {lc['tokens']}, "
                                 f"gsq {ref['tokens']}")
@@ -384,7 +406,7 @@ class Table:
             return rec
         try:
             self.measure_row(rec, row)
-            rec["status"] = "ok"
+            rec["status"] = "made" if self.args.stage == "make" else "ok"
         except (StepError, GSQError, OSError, ValueError, RuntimeError) as err:
             rec["status"] = f"error: {err}"
         return rec
@@ -401,9 +423,18 @@ class Table:
             rec["quantize"] = {k: report.get(k) for k in ("bpp", "blocks_quantized",
                                                           "blocks_total", "fallback")}
         elif row.kind == "embd":
-            self.measure(rec, self.embd_gguf(rec, row), None)
+            self.measure_embd(rec, row)
         else:
             self.measure_refined(rec, row)
+
+    def measure_embd(self, rec: dict, row: Row) -> None:
+        """The +embd file against gsq eval of the same file (transformers' GGUF reader, which
+        has no Q2_0) and, beside it, gsq eval of the quantized directory (F16 embedding)."""
+        gguf = self.embd_gguf(rec, row)
+        types = file_info(gguf)["tensor_types"]
+        self.measure(rec, gguf, None if "Q2_0" in types else gguf)
+        qdir = self.evaluate(rec, self.gsq_dir(rec, self.rows[row.parent]), "transformers")
+        rec["ppl_gsq_qdir"] = qdir["ppl"]
 
     def measure_refined(self, rec: dict, row: Row) -> None:
         src, out = self.llamacpp_gguf(rec, row.ftype), self.refined_gguf(rec, row)
@@ -504,7 +535,7 @@ def agree_cell(rec: dict) -> str:
     pct = rec.get("agreement_pct")
     if pct is None:
         return "-"
-    flag = "" if rec["kind"] != "gsq" or pct < AGREEMENT_PCT else " **>0.5%**"
+    flag = "" if pct < AGREEMENT_PCT else " **>0.5%**"
     return f"{pct:.3f}{flag}"
 
 
@@ -530,7 +561,7 @@ def summary(rows: dict) -> str:
     """The issue's requirements and target, over the rows measured so far."""
     made = [r for r in rows.values() if r["kind"] in ("gsq", "embd", "refine")]
     ok = [r for r in made if r["status"] == "ok"]
-    far = [r["name"] for r in ok if r["kind"] == "gsq" and r["agreement_pct"] >= AGREEMENT_PCT]
+    far = [r["name"] for r in ok if r.get("agreement_pct", 0) >= AGREEMENT_PCT]
     bad = [r["name"] for r in ok if r["kind"] == "refine" and not r["same_size_and_types"]]
     lose = [r["name"] for r in ok if not versus(r, rows).startswith("beats")]
     return "\n".join([
@@ -575,6 +606,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads of llama.cpp and torch (default all cores; --smoke: 1)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny CPU run: first block only, tiny budget, 2048 tokens, 1 thread")
+    p.add_argument("--stage", choices=("all", "make", "llamacpp"), default="all",
+                   help="make: every step but llama.cpp's evaluations, whose files go on "
+                        f"WORK/{QUEUE}; llamacpp: evaluate the queued files as they come, until "
+                        f"WORK/{QUEUE_CLOSED} exists; all: everything (reusing what the stages "
+                        "made). Lets one GPU process per row set and one llama.cpp process run "
+                        "side by side")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     p.add_argument("--table", action="store_true", help="print the table of --json and exit")
     return apply_defaults(p.parse_args(argv))
@@ -595,6 +632,42 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def claim(path: Path) -> bool:
+    """Create `path` if no one has: True for the one process that did."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def follow_queue(table: Table, poll_seconds: float = 5.0) -> None:
+    """--stage llamacpp: llama.cpp's perplexity of each file on WORK/QUEUE, in queue order, as
+    the make stages add them; ends when WORK/QUEUE_CLOSED exists and every file is done. Several
+    such processes share the queue (each file is claimed by one)."""
+    queue, closed, done = table.work / QUEUE, table.work / QUEUE_CLOSED, set()
+    while True:
+        is_closed = closed.exists()  # read before the queue: a file queued before closing counts
+        paths = queue.read_text().split() if queue.exists() else []
+        todo = [p for p in paths if p not in done]
+        for path in todo:
+            done.add(path)
+            if not claim(table.work / "eval" / f"{Path(path).name}.claim"):
+                continue  # another --stage llamacpp process has it
+            rec = {"seconds": {}, "commands": []}
+            print(f"llama.cpp: {Path(path).name} ...", flush=True)
+            try:
+                ppl = table.evaluate(rec, Path(path), "llama.cpp")["ppl"]
+                print(f"  ppl {ppl:.3f} ({rec['seconds'].get('eval-lc')} s)", flush=True)
+            except (StepError, GSQError, OSError) as err:
+                print(f"  error: {err}", flush=True)
+        if not todo and is_closed:
+            return
+        if not todo:
+            time.sleep(poll_seconds)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = plan_rows()
@@ -613,8 +686,11 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    data["runs"].append(run_meta(args))
     table = Table(args)
+    if args.stage == "llamacpp":
+        follow_queue(table)
+        return
+    data["runs"].append(run_meta(args))
     for row in select_rows(rows, args.rows):
         old = data["rows"].get(row.name)
         if old and old["status"] == "ok" and not args.redo:

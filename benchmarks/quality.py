@@ -44,18 +44,18 @@ def reference_budget(**changes) -> QuantizeConfig:
                           seqlen=2048, train=train, **changes)
 
 
-def train_overrides(pairs: list[str]) -> dict:
-    """`--train KEY=VALUE ...` -> TrainConfig changes, each value parsed as its field's type
-    ("none" -> None)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+def train_overrides(pairs: list[str], cls: type = TrainConfig, flag: str = "--train") -> dict:
+    """`--train KEY=VALUE ...` -> TrainConfig changes (or `cls`'s), each value parsed as its
+    field's type ("none" -> None); only scalar fields."""
+    defaults = cls()
+    fields = {f.name for f in dataclasses.fields(cls)
+              if isinstance(getattr(defaults, f.name), (bool, int, float, str, type(None)))}
     changes = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"--train {pair!r}: expected KEY=VALUE with KEY in {sorted(fields)}")
-        default = getattr(TrainConfig(), key)
-        if isinstance(default, tuple):
-            raise SystemExit(f"--train {key}: tuple fields are not supported here")
+            raise SystemExit(f"{flag} {pair!r}: expected KEY=VALUE with KEY in {sorted(fields)}")
+        default = getattr(defaults, key)
         if value.lower() == "none":
             changes[key] = None
         elif isinstance(default, bool):
@@ -75,7 +75,8 @@ def planned_rows(args) -> list[tuple[str, QuantizeConfig]]:
     rows = []
     common = {"group_size": args.group_size, "seed": args.seed, "max_blocks": args.max_blocks}
     changes = train_overrides(args.train)
-    tag = f" [{' '.join(args.train)}]" if args.train else ""
+    common.update(train_overrides(args.set, QuantizeConfig, "--set"))
+    tag = f" [{' '.join(args.set + args.train)}]" if args.set or args.train else ""
     for bits in args.bits:
         if "main" in args.rows:
             for method in args.methods:
@@ -121,6 +122,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
                    help="TrainConfig changes for every row, e.g. autocast=bf16 logit_travel=0.07")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="QuantizeConfig changes for every row, e.g. act_order=true")
     p.add_argument("--fused", action="store_true",
                    help="fused Triton sampler on CUDA (sets GSQ_FUSED=1 for this run)")
     args = p.parse_args()
