@@ -46,6 +46,11 @@ use `--preset cpu` (the budget of benchmarks/RESULTS.md §0) for that row. Then,
 
     python benchmarks/gguf_table.py --json gguf_table.json --table    # print the table only
 
+Faster on the GPU machine: `--stage make` processes (one per list of rows, sharing the GPU) put
+their files on a queue that one `--stage llamacpp` process evaluates meanwhile; a last `--stage
+all` run assembles the rows from what they made. benchmarks/device_gguf_rows.sh does exactly that
+(run detached; see benchmarks/RESULTS.md §8).
+
 Smoke test on a CPU (one block quantized, tiny budget, 2048 tokens, 1 thread, all rows):
 
     OMP_NUM_THREADS=1 python benchmarks/gguf_table.py --smoke
