@@ -88,18 +88,25 @@ def test_gptq_with_diagonal_hessian_equals_rtn(problem):
         assert torch.equal(qw.scale, rtn.scale)
 
 
+DEAD = [0, 5, 17, 63]
+
+
+def hessian_with_dead_columns(X: torch.Tensor) -> torch.Tensor:
+    """H of inputs `X` (n, in) whose columns DEAD are always zero."""
+    X = X.clone()
+    X[:, DEAD] = 0.0
+    return 2.0 / X.shape[0] * X.T @ X
+
+
 def test_gptq_dead_columns(problem):
     W, _, X = problem
-    X = X.clone()
-    dead = [0, 5, 17, 63]
-    X[:, dead] = 0.0
-    H = 2.0 / X.shape[0] * X.T @ X
-    assert (torch.diag(H)[dead] == 0).all()
+    H = hessian_with_dead_columns(X)
+    assert (torch.diag(H)[DEAD] == 0).all()
     spec = QuantSpec(2, G)
     qw = gptq_quantize(W, H, spec)
     assert torch.isfinite(qw.dequantize()).all()
     assert torch.isfinite(qw.scale).all() and (qw.scale != 0).all()
-    assert (qw.codes[:, dead] == 0).all()  # dead inputs: weights zeroed, nothing to represent
+    assert (qw.codes[:, DEAD] == 0).all()  # dead inputs: weights zeroed, nothing to represent
     err = layer_output_error(W, qw.dequantize(), H)
     assert err < layer_output_error(W, rtn_quantize(W, spec).dequantize(), H)
 
@@ -199,12 +206,8 @@ def test_act_order_lowers_the_output_error(bits):
 
 def test_act_order_dead_columns_are_zero(problem):
     W, _, X = problem
-    X = X.clone()
-    dead = [0, 5, 17, 63]
-    X[:, dead] = 0.0
-    H = 2.0 / X.shape[0] * X.T @ X
-    qw = gptq_quantize(W, H, QuantSpec(2, G), act_order=True)
-    assert (qw.codes[:, dead] == 0).all() and torch.isfinite(qw.dequantize()).all()
+    qw = gptq_quantize(W, hessian_with_dead_columns(X), QuantSpec(2, G), act_order=True)
+    assert (qw.codes[:, DEAD] == 0).all() and torch.isfinite(qw.dequantize()).all()
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q4_0"])
