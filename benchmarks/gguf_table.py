@@ -436,7 +436,7 @@ class Table:
         """The +embd file against gsq eval of the same file (transformers' GGUF reader, which
         has no Q2_0) and, beside it, gsq eval of the quantized directory (F16 embedding)."""
         gguf = self.embd_gguf(rec, row)
-        types = file_info(gguf)["tensor_types"]
+        types = {qtype for _, qtype, _ in tensor_layout(gguf)}
         self.measure(rec, gguf, None if "Q2_0" in types else gguf)
         qdir = self.evaluate(rec, self.gsq_dir(rec, self.rows[row.parent]), "transformers")
         rec["ppl_gsq_qdir"] = qdir["ppl"]
