@@ -667,9 +667,9 @@ def follow_queue(table: Table, poll_seconds: float = 5.0) -> None:
                 print(f"  ppl {ppl:.3f} ({rec['seconds'].get('eval-lc')} s)", flush=True)
             except (StepError, GSQError, OSError) as err:
                 print(f"  error: {err}", flush=True)
-        if not todo and is_closed:
-            return
         if not todo:
+            if is_closed:
+                return
             time.sleep(poll_seconds)
 
 

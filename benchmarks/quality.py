@@ -44,9 +44,10 @@ def reference_budget(**changes) -> QuantizeConfig:
                           seqlen=2048, train=train, **changes)
 
 
-def train_overrides(pairs: list[str], cls: type = TrainConfig, flag: str = "--train") -> dict:
-    """`--train KEY=VALUE ...` -> TrainConfig changes (or `cls`'s), each value parsed as its
-    field's type ("none" -> None); only scalar fields."""
+def field_overrides(pairs: list[str], cls: type = TrainConfig, flag: str = "--train") -> dict:
+    """`KEY=VALUE ...` of `flag` -> changes to the dataclass `cls` (TrainConfig for --train,
+    QuantizeConfig for --set), each value parsed as its field's type ("none" -> None); only
+    scalar fields."""
     defaults = cls()
     fields = {f.name for f in dataclasses.fields(cls)
               if isinstance(getattr(defaults, f.name), (bool, int, float, str, type(None)))}
@@ -74,8 +75,8 @@ def with_train(cfg: QuantizeConfig, changes: dict) -> QuantizeConfig:
 def planned_rows(args) -> list[tuple[str, QuantizeConfig]]:
     rows = []
     common = {"group_size": args.group_size, "seed": args.seed, "max_blocks": args.max_blocks}
-    changes = train_overrides(args.train)
-    common.update(train_overrides(args.set, QuantizeConfig, "--set"))
+    changes = field_overrides(args.train)
+    common.update(field_overrides(args.set, QuantizeConfig, "--set"))
     tag = f" [{' '.join(args.set + args.train)}]" if args.set or args.train else ""
     for bits in args.bits:
         if "main" in args.rows:
