@@ -105,12 +105,17 @@ def test_export_gguf_prints_a_summary(capsys, files, tmp_path):
 
 def test_eval_gguf_through_llamacpp_matches_gsq(capsys, llama_cpp, files, gguf_path):
     """Same windows and tokens: llama.cpp on the .gguf agrees with transformers on the gsq
-    directory; `--engine auto` picks llama.cpp for a file with Q2_0 tensors."""
+    directory; `--engine auto` runs the file's Q2_0 tensors in transformers (gsq decodes them),
+    and agrees too."""
     theirs = _eval(capsys, gguf_path, files["eval"], "--engine", "llama.cpp")
     ours = _eval(capsys, files["q"], files["eval"])
     assert (theirs["tokens"], theirs["windows"]) == (ours["tokens"], ours["windows"])
     assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=1e-3)
-    assert _eval(capsys, gguf_path, files["eval"]) == theirs  # auto
+    auto = _eval(capsys, gguf_path, files["eval"])
+    assert auto == _eval(capsys, gguf_path, files["eval"], "--engine", "transformers")
+    assert (auto["tokens"], auto["windows"]) == (ours["tokens"], ours["windows"])
+    assert auto["ppl"] == pytest.approx(ours["ppl"], rel=1e-3)
+    assert auto["ppl"] == pytest.approx(theirs["ppl"], rel=1e-3)
 
 
 def test_eval_gguf_against_the_gsq_directory(capsys, llama_cpp, files, gguf_path, tmp_path):

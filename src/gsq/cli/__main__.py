@@ -197,10 +197,10 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="who runs a .gguf model: transformers (dequantized to fp32) or llama.cpp "
-                        "(llama-cpp-python, CPU; a .gguf --base runs there too). auto: llama.cpp "
-                        "for .gguf files with tensor types transformers cannot read (e.g. Q2_0), "
-                        "transformers otherwise")
+                   help="who runs a .gguf model: transformers (dequantized to fp32; types its "
+                        "GGUF reader lacks, e.g. Q2_0, decoded by gsq) or llama.cpp "
+                        "(llama-cpp-python, CPU; a .gguf --base runs there too). "
+                        "auto: transformers")
     p.add_argument("--tokenizer", default=None,
                    help="llama.cpp engine: tokenize the text with this model's HF tokenizer "
                         "(default: the one transformers builds from the .gguf file)")
@@ -210,19 +210,13 @@ ENGINES = ("auto", "transformers", "llama.cpp")
 
 
 def choose_engine(engine: str, model_source: str) -> str:
-    """'transformers' or 'llama.cpp' for `gsq eval --engine` (see its help)."""
-    is_gguf = model_source.lower().endswith(".gguf")
-    if engine == "llama.cpp" and not is_gguf:
+    """'transformers' or 'llama.cpp' for `gsq eval --engine` (see its help).
+
+    auto is transformers for every model: gsq reads every GGUF type it writes (Q2_0 included,
+    `gsq.models.gguf_decoded`)."""
+    if engine == "llama.cpp" and not model_source.lower().endswith(".gguf"):
         raise GSQError(f"--engine llama.cpp needs a .gguf model file; got '{model_source}'")
-    if engine != "auto" or not is_gguf:
-        return "transformers" if engine == "auto" else engine
-    import gguf
-
-    from gsq.export.gguf_file import read_gguf
-
-    _, tensors = read_gguf(model_source)  # GSQError for a missing or broken file
-    known = {t.name for t in gguf.GGMLQuantizationType}
-    return "transformers" if all(t.type_name in known for t in tensors) else "llama.cpp"
+    return "transformers" if engine == "auto" else engine
 
 
 def evaluate_llamacpp(model_source: str, text: str, seqlen: int, max_tokens: int | None,

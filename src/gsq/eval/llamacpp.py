@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -121,31 +120,19 @@ def _first_line(err: BaseException) -> str:
 def gguf_hf_tokenizer(path: str | Path) -> Any:
     """The HF tokenizer transformers builds from a GGUF file's tokenizer keys.
 
-    transformers' GGUF reader rejects tensor types the `gguf` package lacks (Q2_0), so the keys are
-    first copied into a tensor-less GGUF in a temporary folder.
+    transformers' GGUF reader rejects tensor types the `gguf` package lacks (Q2_0), so it reads a
+    tensor-less copy of the keys (`metadata_only_gguf`).
     """
-    from gguf import GGUFValueType, GGUFWriter
     from transformers import AutoTokenizer
 
-    from gsq.export.gguf_file import field_value, read_gguf
+    from gsq.export.gguf_file import metadata_only_gguf, read_gguf
 
     fields, _ = read_gguf(path)
     if "general.architecture" not in fields or "tokenizer.ggml.tokens" not in fields:
         raise GSQError(f"GGUF file '{path}' has no tokenizer")
-    with tempfile.TemporaryDirectory(prefix="gsq-gguf-tok-") as tmp:
-        arch = field_value(fields["general.architecture"])
-        writer = GGUFWriter(Path(tmp) / "tokenizer.gguf", arch)
-        for key, field in fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture":
-                continue
-            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field_value(field), field.types[0], sub_type=sub)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    with metadata_only_gguf(fields, "tokenizer.gguf") as meta:
         try:
-            return AutoTokenizer.from_pretrained(tmp, gguf_file="tokenizer.gguf")
+            return AutoTokenizer.from_pretrained(str(meta.parent), gguf_file=meta.name)
         except (ValueError, KeyError, OSError, RuntimeError) as err:
             raise GSQError(f"transformers cannot build a tokenizer from '{path}': "
                            f"{_first_line(err)}") from err

@@ -13,7 +13,9 @@ permuted; codes and scales are permuted together, which permutes the rows of `sÂ
 
 `write_base_gguf(model_source, out)` writes the unquantized base model the same way (the input of
 llama.cpp's own quantizer for the baselines). `read_gguf(path)` reads any GGUF's metadata and raw
-tensor bytes, including the Q2_0 type that the `gguf` package does not know.
+tensor bytes, including the Q2_0 type that the `gguf` package does not know; `decode_tensor`,
+`rotary_rows` and `match_tensors` turn them back into HF parameters (`gsq refine`,
+`gsq.models.gguf_decoded`), and `metadata_only_gguf` hands transformers the keys alone.
 
 Files are written beside `out` under a temporary name and renamed at the end.
 """
@@ -189,6 +191,57 @@ def field_value(field: Any) -> Any:
     return field.contents()
 
 
+def missing_types(tensors: list[GGUFTensor]) -> list[str]:
+    """Tensor types of a file that the `gguf` package (and so transformers' GGUF reader) lacks,
+    e.g. ['Q2_0']; gsq's own decoders read them (`decode_tensor`)."""
+    import gguf
+
+    known = {t.name for t in gguf.GGMLQuantizationType}
+    return sorted({t.type_name for t in tensors} - known)
+
+
+@contextmanager
+def metadata_only_gguf(fields: dict[str, Any], name: str = "metadata.gguf") -> Iterator[Path]:
+    """Yield a GGUF file holding the keys `fields` (from `read_gguf`) and no tensors, in a
+    temporary folder removed afterwards.
+
+    transformers' GGUF reader rejects a whole file for one tensor type the `gguf` package lacks
+    (Q2_0), but builds a config and a tokenizer from the keys alone, so it is given this copy.
+    """
+    from gguf import GGUFValueType, GGUFWriter
+
+    with tempfile.TemporaryDirectory(prefix="gsq-gguf-meta-") as tmp:
+        path = Path(tmp) / name
+        writer = GGUFWriter(path, field_value(fields["general.architecture"]))
+        for key, field in fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue  # written by GGUFWriter itself
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field_value(field), field.types[0], sub_type=sub)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        yield path
+
+
+def decode_tensor(t: GGUFTensor) -> np.ndarray:
+    """float32 values of any tensor in `t.shape` (gsq's decoders, else gguf.quants')."""
+    import gguf
+
+    from gsq.export.gguf_blocks import BLOCK_TYPES, decode_weight
+
+    cols = t.shape[-1]
+    if t.type_name in BLOCK_TYPES:
+        values = decode_weight(t.type_name, t.data, cols)
+    else:
+        try:
+            values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType[t.type_name])
+        except (NotImplementedError, KeyError) as err:
+            raise GSQError(f"cannot decode tensor '{t.name}' of type {t.type_name}") from err
+    return np.array(values, dtype=np.float32).reshape(t.shape)  # a copy: the file is read-only
+
+
 # --------------------------------------------------------------------------------------------
 # Architecture metadata from the HF config
 
@@ -287,6 +340,40 @@ def permute_rows(x: torch.Tensor, n_heads: int) -> torch.Tensor:
         raise GSQError(f"{out} rows cannot be split into {n_heads} heads of rotary pairs")
     return (x.reshape(n_heads, 2, out // n_heads // 2, *x.shape[1:]).transpose(1, 2)
             .reshape(x.shape))
+
+
+def rotary_rows(x: np.ndarray, n_heads: int, to_hf: bool) -> np.ndarray:
+    """Reorder the rows of an `(out, ...)` array between HF's half-split rotary layout and
+    llama.cpp's interleaved one (`permute_rows` is the HF -> llama.cpp direction in torch)."""
+    out = x.shape[0]
+    if out % (2 * n_heads):
+        raise GSQError(f"{out} rows cannot be split into {n_heads} heads of rotary pairs")
+    half = out // n_heads // 2
+    split = (n_heads, half, 2) if to_hf else (n_heads, 2, half)
+    return np.ascontiguousarray(x.reshape(*split, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape))
+
+
+def match_tensors(tensors: list[GGUFTensor], model: torch.nn.Module, hp: LlamaHParams,
+                  path: str | Path, owner: str = "the base model") -> dict[str, str]:
+    """GGUF name -> HF parameter name for every entry of `model.state_dict()` (`lm_head.weight`
+    left out when tied: llama.cpp reuses token_embd); GSQError naming the first tensor the file
+    lacks or whose shape differs (`owner` names the model in it). File tensors without a
+    counterpart are left out."""
+    by_name = {t.name: t for t in tensors}
+    out = {}
+    for hf_name, value in model.state_dict().items():
+        if hp.tied and hf_name == "lm_head.weight":
+            continue
+        gguf_name = gguf_tensor_name(hf_name, hp.n_layer)
+        t = by_name.get(gguf_name)
+        if t is None:
+            raise GSQError(f"{owner} does not match '{path}': the file has no tensor "
+                           f"'{gguf_name}' (for '{hf_name}')")
+        if tuple(t.shape) != tuple(value.shape):
+            raise GSQError(f"{owner} does not match '{path}': '{gguf_name}' is "
+                           f"{list(t.shape)} in the file but {list(value.shape)} in {owner}")
+        out[gguf_name] = hf_name
+    return out
 
 
 def permute_record(qw: QuantizedWeight, n_heads: int) -> QuantizedWeight:

@@ -59,11 +59,13 @@ from gsq.export.gguf_file import (
     GGUFTensor,
     LlamaHParams,
     atomic_output_file,
+    decode_tensor,
     field_value,
-    gguf_tensor_name,
     llama_hparams,
+    match_tensors,
     qk_heads,
     read_gguf,
+    rotary_rows,
 )
 from gsq.quant.affine import FULL_RELAXATION_MAX_CODES, AffineWeight
 
@@ -160,32 +162,6 @@ def file_architecture(fields: dict[str, Any], path: str | Path) -> str:
     return arch
 
 
-def decode_tensor(t: GGUFTensor) -> np.ndarray:
-    """float32 values of any tensor in `t.shape` (gsq's decoders, else gguf.quants')."""
-    import gguf
-
-    cols = t.shape[-1]
-    if t.type_name in BLOCK_TYPES:
-        values = decode_weight(t.type_name, t.data, cols)
-    else:
-        try:
-            values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType[t.type_name])
-        except (NotImplementedError, KeyError) as err:
-            raise GSQError(f"cannot decode tensor '{t.name}' of type {t.type_name}") from err
-    return np.array(values, dtype=np.float32).reshape(t.shape)  # a copy: the file is read-only
-
-
-def rotary_rows(x: np.ndarray, n_heads: int, to_hf: bool) -> np.ndarray:
-    """Reorder the rows of an `(out, ...)` array between HF's half-split rotary layout and
-    llama.cpp's interleaved one (`gguf_file.permute_rows` is the HF -> llama.cpp direction)."""
-    out = x.shape[0]
-    if out % (2 * n_heads):
-        raise GSQError(f"{out} rows cannot be split into {n_heads} heads of rotary pairs")
-    half = out // n_heads // 2
-    split = (n_heads, half, 2) if to_hf else (n_heads, 2, half)
-    return np.ascontiguousarray(x.reshape(*split, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape))
-
-
 def permute_assignment(a: Assignment, n_heads: int | None, to_hf: bool) -> Assignment:
     """Every per-row field of `a` with its rows reordered (see `rotary_rows`); None: unchanged."""
     if n_heads is None:
@@ -208,27 +184,6 @@ def _check_hparams(fields: dict[str, Any], hp: LlamaHParams, path: str | Path) -
         if key in fields and int(field_value(fields[key])) != want:
             raise GSQError(f"the base model does not match '{path}': {key} is "
                            f"{int(field_value(fields[key]))} in the file but {want} in the base")
-
-
-def match_tensors(tensors: list[GGUFTensor], model: nn.Module, hp: LlamaHParams,
-                  path: str | Path) -> dict[str, str]:
-    """GGUF name -> HF parameter name for every base parameter; GSQError naming the first tensor
-    the file lacks or whose shape differs. File tensors without a counterpart are left out."""
-    by_name = {t.name: t for t in tensors}
-    out = {}
-    for hf_name, value in model.state_dict().items():
-        if hp.tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd
-        gguf_name = gguf_tensor_name(hf_name, hp.n_layer)
-        t = by_name.get(gguf_name)
-        if t is None:
-            raise GSQError(f"the base model does not match '{path}': it has no tensor "
-                           f"'{gguf_name}' (base '{hf_name}')")
-        if tuple(t.shape) != tuple(value.shape):
-            raise GSQError(f"the base model does not match '{path}': '{gguf_name}' is "
-                           f"{list(t.shape)} in the file but {list(value.shape)} in the base")
-        out[gguf_name] = hf_name
-    return out
 
 
 # --------------------------------------------------------------------------------------------

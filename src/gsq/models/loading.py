@@ -1,7 +1,8 @@
 """Loading base models: the only place in gsq that calls `from_pretrained`.
 
 A model source is one of
-  * a `.gguf` file (dequantized to `dtype` by transformers' GGUF loader),
+  * a `.gguf` file (dequantized to `dtype` by transformers' GGUF loader, or by gsq's own decoders
+    when it holds tensor types transformers lacks, such as Q2_0: `gsq.models.gguf_decoded`),
   * a local Hugging Face model folder (config.json + weights + tokenizer files),
   * a Hugging Face hub id such as `HuggingFaceTB/SmolLM2-135M`,
   * the alias `smollm2-demo` (`DEMO_MODEL`): SmolLM2-135M-Instruct in Q4_1 GGUF form, shipped inside
@@ -112,9 +113,20 @@ def _load_error(source: str, e: OSError) -> GSQError:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Load a GGUF file (weights dequantized to `dtype`) and make the model saveable."""
+    """Load a GGUF file (weights dequantized to `dtype`) and make the model saveable.
+
+    transformers' GGUF loader reads the file unless it holds tensor types the `gguf` package
+    lacks (Q2_0): those files are decoded by gsq (`gsq.models.gguf_decoded`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gsq.export.gguf_file import missing_types, read_gguf
+
+    fields, tensors = read_gguf(path)  # GSQError for a truncated or non-GGUF file
+    if missing_types(tensors):
+        from gsq.models.gguf_decoded import load_decoded_gguf
+
+        return load_decoded_gguf(path, fields, tensors, dtype)
     folder, name = str(path.parent), path.name
     log.info("loading GGUF %s (dequantizing to %s)", path, dtype)
     try:
