@@ -17,8 +17,11 @@ tensors (bits of the data of the blocks' 2-D linear weights, blk.N.{attn_q,attn_
 attn_output,ffn_gate,ffn_up,ffn_down}.weight, divided by their element count; embeddings and norms
 are not counted), ppl by llama.cpp (`gsq eval F.gguf --engine llama.cpp`: WikiText-2 test,
 first --max-tokens tokens, windows of --seqlen), ppl by gsq eval (transformers; the quantized
-directory for gsq rows, the refined file for refine rows, the base model for f16), their
-agreement (|llama.cpp - gsq| / gsq, required < 0.5% for gsq exports), the same-size-and-types check
+directory for gsq rows, the file itself for +embd, refine and llama.cpp rows, the base model for
+f16), their agreement (|llama.cpp - gsq| / gsq, required < 0.5% for gsq exports), the same
+again with `gsq eval FILE --numerics llama.cpp` (the file's weights with llama.cpp's 8-bit
+activation rounding and fp16 attention; on llama.cpp's own files this is the control that shows
+how much of a gap is llama.cpp's arithmetic rather than the export), the same-size-and-types check
 of refined files, the nearest-size llama.cpp file and whether the row's ppl beats it, and the wall
 seconds of each step (`*` = reused from --work, time of the run that made it).
 
@@ -359,21 +362,23 @@ class Table:
 
     # evaluations ------------------------------------------------------------------------------
 
-    def evaluate(self, rec: dict, model: Path | str, engine: str) -> dict:
-        """`gsq eval` of a file or directory, by llama.cpp or by transformers (cached)."""
+    def evaluate(self, rec: dict, model: Path | str, engine: str, numerics: str = "exact"
+                 ) -> dict:
+        """`gsq eval` of a file or directory, by llama.cpp or by transformers (cached); with
+        numerics "llama.cpp", transformers computes as llama.cpp's CPU backend would."""
         a = self.args
         stem = Path(model).name if Path(model).exists() else Path(str(model)).name
-        label = "llamacpp" if engine == "llama.cpp" else "gsq"
+        label = "llamacpp" if engine == "llama.cpp" else "gsq" if numerics == "exact" else "gsqlc"
         out = self.work / "eval" / f"{stem}.{label}.s{a.seqlen}.t{a.max_tokens}.json"
         out.parent.mkdir(exist_ok=True)
         argv = ["eval", str(model), "--engine", engine, "--text", a.text,
                 "--seqlen", str(a.seqlen), "--max-tokens", str(a.max_tokens), "--json", str(out)]
         if engine != "llama.cpp":
-            argv += ["--device", a.device]
+            argv += ["--device", a.device, "--numerics", numerics]
         if out.exists() and Path(model).exists() and Path(model).stat().st_mtime > \
                 out.stat().st_mtime:
             out.unlink()  # the file was made again since it was evaluated
-        step = "eval-lc" if engine == "llama.cpp" else "eval-gsq"
+        step = {"llamacpp": "eval-lc", "gsq": "eval-gsq", "gsqlc": "eval-gsq-lcnum"}[label]
         self.steps.run(rec, step, out, lambda log: self.steps.cli(rec, argv, log, quiet=True))
         return json.loads(out.read_text())
 
@@ -385,6 +390,10 @@ class Table:
         ref = self.evaluate(rec, reference, "transformers") if reference is not None else None
         if ref is not None:
             rec.update(ppl_gsq=ref["ppl"], tokens_gsq=ref["tokens"])
+        num = self.evaluate(rec, gguf, "transformers", "llama.cpp") if self.args.numerics \
+            else None
+        if num is not None:
+            rec["ppl_gsq_lcnum"] = num["ppl"]
         if self.args.stage == "make":
             if rec["kind"] != "llamacpp":
                 with open(self.work / QUEUE, "a") as fh:
@@ -392,6 +401,8 @@ class Table:
             return
         lc = self.evaluate(rec, gguf, "llama.cpp")
         rec.update(ppl_llamacpp=lc["ppl"], tokens_llamacpp=lc["tokens"])
+        if num is not None:
+            rec["agreement_lcnum_pct"] = 100 * abs(lc["ppl"] - num["ppl"]) / num["ppl"]
         if ref is None:
             return
         rec["agreement_pct"] = 100 * abs(lc["ppl"] - ref["ppl"]) / ref["ppl"]
@@ -419,8 +430,9 @@ class Table:
     def measure_row(self, rec: dict, row: Row) -> None:
         if row.kind == "base":
             self.measure(rec, self.base_gguf(rec), self.args.model)
-        elif row.kind == "llamacpp":
-            self.measure(rec, self.llamacpp_gguf(rec, row.ftype), None)
+        elif row.kind == "llamacpp":  # control: transformers reading llama.cpp's own file
+            gguf = self.llamacpp_gguf(rec, row.ftype)
+            self.measure(rec, gguf, gguf)
         elif row.kind == "gsq":
             gguf = self.gsq_gguf(rec, row)
             self.measure(rec, gguf, self.gsq_dir(rec, row))
@@ -433,11 +445,10 @@ class Table:
             self.measure_refined(rec, row)
 
     def measure_embd(self, rec: dict, row: Row) -> None:
-        """The +embd file against gsq eval of the same file (transformers' GGUF reader, which
-        has no Q2_0) and, beside it, gsq eval of the quantized directory (F16 embedding)."""
+        """The +embd file against gsq eval of the same file and, beside it, gsq eval of the
+        quantized directory (F16 embedding)."""
         gguf = self.embd_gguf(rec, row)
-        types = {qtype for _, qtype, _ in tensor_layout(gguf)}
-        self.measure(rec, gguf, None if "Q2_0" in types else gguf)
+        self.measure(rec, gguf, gguf)
         qdir = self.evaluate(rec, self.gsq_dir(rec, self.rows[row.parent]), "transformers")
         rec["ppl_gsq_qdir"] = qdir["ppl"]
 
@@ -536,8 +547,8 @@ def check_cell(rec: dict) -> str:
     return cell if changed is None else f"{cell} ({100 * changed:.2f}% codes changed)"
 
 
-def agree_cell(rec: dict) -> str:
-    pct = rec.get("agreement_pct")
+def agree_cell(rec: dict, key: str = "agreement_pct") -> str:
+    pct = rec.get(key)
     if pct is None:
         return "-"
     flag = "" if pct < AGREEMENT_PCT else " **>0.5%**"
@@ -546,18 +557,21 @@ def agree_cell(rec: dict) -> str:
 
 def format_table(rows: dict, order: list[str]) -> str:
     head = ("| row | file | tensor types | size MB | bpw (blk linears) | ppl llama.cpp | "
-            "ppl gsq eval | agree % | same size+types | vs llama.cpp | wall s |")
-    lines = [head, "|" + "---|" * 11]
+            "ppl gsq eval | agree % | ppl gsq eval, llama.cpp numerics | agree % | "
+            "same size+types | vs llama.cpp | wall s |")
+    lines = [head, "|" + "---|" * 13]
     for name in [n for n in order if n in rows]:
         r = rows[name]
         if r["status"] != "ok":
-            lines.append(f"| {name} | {r['status'][:160]} |" + " |" * 9)
+            lines.append(f"| {name} | {r['status'][:160]} |" + " |" * 11)
             continue
         wall = " ".join(f"{k}={v}" for k, v in r["seconds"].items())
         lines.append(
             f"| {name} | {r['file']} | {_types(r['tensor_types'])} | {r['size_mb']:.2f} | "
             f"{_num(r['bpw_quantized'], '.3f')} | {_num(r.get('ppl_llamacpp'), '.3f')} | "
-            f"{_num(r.get('ppl_gsq'), '.3f')} | {agree_cell(r)} | {check_cell(r)} | "
+            f"{_num(r.get('ppl_gsq'), '.3f')} | {agree_cell(r)} | "
+            f"{_num(r.get('ppl_gsq_lcnum'), '.3f')} | {agree_cell(r, 'agreement_lcnum_pct')} | "
+            f"{check_cell(r)} | "
             f"{versus(r, rows)} | {wall} |")
     return "\n".join(lines)
 
@@ -567,12 +581,15 @@ def summary(rows: dict) -> str:
     made = [r for r in rows.values() if r["kind"] in ("gsq", "embd", "refine")]
     ok = [r for r in made if r["status"] == "ok"]
     far = [r["name"] for r in ok if r.get("agreement_pct", 0) >= AGREEMENT_PCT]
+    far_num = [r["name"] for r in ok if r.get("agreement_lcnum_pct", 0) >= AGREEMENT_PCT]
     bad = [r["name"] for r in ok if r["kind"] == "refine" and not r["same_size_and_types"]]
     lose = [r["name"] for r in ok if not versus(r, rows).startswith("beats")]
     return "\n".join([
         f"gsq files that load and run in llama.cpp: {len(ok)}/{len(made)} "
         f"(not: {', '.join(r['name'] for r in made if r not in ok) or 'none'})",
         f"gsq exports off gsq eval by >= {AGREEMENT_PCT}%: {', '.join(far) or 'none'}",
+        f"... off gsq eval with llama.cpp numerics by >= {AGREEMENT_PCT}%: "
+        f"{', '.join(far_num) or 'none'}",
         f"refined files not of their input's size and types: {', '.join(bad) or 'none'}",
         f"gsq files that do not beat their llama.cpp file: {', '.join(lose) or 'none'}"])
 
@@ -617,6 +634,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"WORK/{QUEUE_CLOSED} exists; all: everything (reusing what the stages "
                         "made). Lets one GPU process per row set and one llama.cpp process run "
                         "side by side")
+    p.add_argument("--no-numerics", dest="numerics", action="store_false",
+                   help="skip `gsq eval --numerics llama.cpp` of each file (by default every "
+                        "file is also evaluated that way, beside the agreement column)")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     p.add_argument("--table", action="store_true", help="print the table of --json and exit")
     return apply_defaults(p.parse_args(argv))

@@ -118,6 +118,22 @@ def test_eval_gguf_through_llamacpp_matches_gsq(capsys, llama_cpp, files, gguf_p
     assert auto["ppl"] == pytest.approx(theirs["ppl"], rel=1e-3)
 
 
+def test_eval_with_llamacpp_numerics(capsys, llama_cpp, files, gguf_path):
+    """`--numerics llama.cpp` rounds activations (here Q8_0 for the Q2_0 linears) and attention
+    to fp16: a different, close perplexity on the same windows; with --base, only the model is
+    emulated."""
+    exact = _eval(capsys, gguf_path, files["eval"])
+    emulated = _eval(capsys, gguf_path, files["eval"], "--numerics", "llama.cpp")
+    assert (emulated["tokens"], emulated["windows"]) == (exact["tokens"], exact["windows"])
+    assert emulated["ppl"] != exact["ppl"]
+    assert emulated["ppl"] == pytest.approx(exact["ppl"], rel=2e-2)
+    versus = _eval(capsys, gguf_path, files["eval"], "--numerics", "llama.cpp", "--base",
+                   str(files["q"]))
+    assert versus["ppl"] == pytest.approx(emulated["ppl"], rel=1e-6)  # the base runs exact
+    assert versus["base_ppl"] == pytest.approx(_eval(capsys, files["q"], files["eval"])["ppl"],
+                                               rel=1e-6)
+
+
 def test_eval_gguf_against_the_gsq_directory(capsys, llama_cpp, files, gguf_path, tmp_path):
     result = _eval(capsys, gguf_path, files["eval"], "--engine", "llama.cpp", "--base",
                    str(files["q"]), "--tokenizer", str(files["q"]), "--json",
@@ -240,6 +256,14 @@ def test_eval_of_a_truncated_gguf(capsys, llama_cpp, files, gguf_path, tmp_path,
 def test_eval_engine_llamacpp_needs_a_gguf_file(capsys, files):
     _assert_user_error(capsys, ["eval", str(files["q"]), "--text", str(files["eval"]),
                                 "--engine", "llama.cpp"], None, "needs a .gguf model file")
+
+
+def test_eval_numerics_needs_a_gguf_file_and_the_transformers_engine(capsys, files, gguf_path):
+    _assert_user_error(capsys, ["eval", str(files["q"]), "--text", str(files["eval"]),
+                                "--numerics", "llama.cpp"], None, "needs a .gguf model")
+    _assert_user_error(capsys, ["eval", str(gguf_path), "--text", str(files["eval"]),
+                                "--numerics", "llama.cpp", "--engine", "llama.cpp"], None,
+                       "transformers engine only")
 
 
 def test_eval_tokenizer_flag_is_for_llamacpp_only(capsys, files):

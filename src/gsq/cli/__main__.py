@@ -204,9 +204,15 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="llama.cpp engine: tokenize the text with this model's HF tokenizer "
                         "(default: the one transformers builds from the .gguf file)")
+    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+                   help="transformers engine, .gguf model: 'llama.cpp' rounds activations and "
+                        "attention as llama.cpp's CPU backend does (8-bit activations per the "
+                        "weight type, fp16 KV cache), to predict llama.cpp's perplexity and "
+                        "tell its rounding apart from an export error. Default: exact fp32")
 
 
 ENGINES = ("auto", "transformers", "llama.cpp")
+NUMERICS = ("exact", "llama.cpp")
 
 
 def choose_engine(engine: str, model_source: str) -> str:
@@ -246,8 +252,11 @@ def evaluate_llamacpp(model_source: str, text: str, seqlen: int, max_tokens: int
 
 def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
              base: str | None, device: str, progress: bool, engine: str = "transformers",
-             tokenizer: str | None = None) -> dict:
+             tokenizer: str | None = None, numerics: str = "exact") -> dict:
     if choose_engine(engine, model_source) == "llama.cpp":
+        if numerics != "exact":
+            raise GSQError("--numerics applies to the transformers engine only (llama.cpp "
+                           "computes with its own numerics)")
         return evaluate_llamacpp(model_source, text, seqlen, max_tokens, base, device, progress,
                                  tokenizer)
     if tokenizer is not None:
@@ -257,21 +266,46 @@ def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
     from gsq.eval.kl import compare_with_base
     from gsq.eval.perplexity import perplexity
 
+    tensor_types = _gguf_tensor_types(model_source) if numerics == "llama.cpp" else None
     dev = resolve_device(device)
     model, tokenizer = load_any_model(model_source, device=str(dev))
     tokens = tokenize_text(tokenizer, read_text(text))
-    if base is None:
-        return perplexity(model, tokens, seqlen, max_tokens, device=str(dev), progress=progress)
-    base_model, _ = load_any_model(base, device=str(dev))
-    return compare_with_base(model, base_model, tokens, seqlen, max_tokens, device=str(dev),
-                             progress=progress)
+    base_model = load_any_model(base, device=str(dev))[0] if base is not None else None
+    with _numerics(model, tensor_types):
+        if base_model is None:
+            return perplexity(model, tokens, seqlen, max_tokens, device=str(dev),
+                              progress=progress)
+        return compare_with_base(model, base_model, tokens, seqlen, max_tokens,
+                                 device=str(dev), progress=progress)
+
+
+def _gguf_tensor_types(model_source: str) -> dict:
+    """GGUF tensor name -> type of the .gguf file `--numerics llama.cpp` emulates."""
+    from gsq.export.gguf_file import read_gguf
+
+    if not model_source.lower().endswith(".gguf"):
+        raise GSQError(f"--numerics llama.cpp needs a .gguf model (its tensor types decide how "
+                       f"llama.cpp rounds activations); got '{model_source}'")
+    return {t.name: t.type_name for t in read_gguf(model_source)[1]}
+
+
+def _numerics(model, tensor_types: dict | None):
+    """A context in which `model` computes as llama.cpp would run a file with `tensor_types`
+    (None: unchanged, exact fp32)."""
+    if tensor_types is None:
+        return contextlib.nullcontext()
+    from gsq.eval.llamacpp_numerics import linear_roundings, llamacpp_numerics
+
+    roundings = linear_roundings(model, tensor_types, model.config.num_hidden_layers)
+    return llamacpp_numerics(model, roundings)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise GSQError(f"folder of --json '{args.json}' does not exist")
     result = evaluate(args.model, args.text, args.seqlen, args.max_tokens, args.base, args.device,
-                      not args.quiet, engine=args.engine, tokenizer=args.tokenizer)
+                      not args.quiet, engine=args.engine, tokenizer=args.tokenizer,
+                      numerics=args.numerics)
     line = json.dumps(result)
     print(line)
     if args.json:

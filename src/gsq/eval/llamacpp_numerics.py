@@ -1,0 +1,187 @@
+"""A transformers model computing with llama.cpp's CPU arithmetic (`gsq eval --numerics llama.cpp`).
+
+Why: a GGUF file can hold gsq's weights bit for bit and llama.cpp still reports a slightly different
+perplexity, because its CPU backend never multiplies a weight by fp32 activations. Each matmul first
+rounds its activations (the right operand) to the weight type's "vec_dot" partner, and attention
+runs on an fp16 KV cache. This module applies the same roundings in PyTorch, so that the part of a
+gsq-vs-llama.cpp gap that comes from those roundings can be told apart from a wrong export.
+
+What is emulated (llama.cpp as bundled with llama-cpp-python 0.3.36, CPU, flash attention off):
+  * linear layers, by the weight's GGUF type:
+      - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_0 -> Q8_0/Q8_1 activations: int8 per 32 values,
+        q = round(x * 127 / amax), value q * fp16(amax / 127);
+      - K-quants and TQ types -> Q8_K activations: int8 per 256 values, with m the value of largest
+        magnitude, q = min(127, round(x * -127 / m)), value q * (1 / (-127 / m)), fp32 scale;
+      - F16 / BF16 -> activations rounded to fp16 / bf16; F32 -> unchanged.
+  * attention: Q, K and V rounded to fp16 (K and V live in an fp16 cache; Q meets K in an F16
+    matmul), softmax in fp32, the probabilities rounded to fp16 before they meet V.
+Rounding is to nearest, ties to even, as llama.cpp's x86 kernels do. Not emulated: the order of
+float sums inside llama.cpp's dot products (a relative effect of about 1e-7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gsq.errors import GSQError
+
+ATTENTION_NAME = "gsq_llamacpp"
+
+# GGUF weight type -> how llama.cpp's CPU backend rounds the activations that meet it.
+_Q8_0_PARTNERS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_0")
+_Q8_K_PARTNERS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0")
+ACTIVATION_ROUNDING = {
+    **{t: "q8_0" for t in _Q8_0_PARTNERS},
+    **{t: "q8_K" for t in _Q8_K_PARTNERS},
+    "F16": "f16", "BF16": "bf16", "F32": None,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Pure tensor math: one rounding per llama.cpp activation format
+
+
+def _blocks(x: Tensor, size: int) -> Tensor:
+    """x [..., n] fp32 -> [..., n / size, size]; GSQError if n is not whole blocks."""
+    if x.shape[-1] % size:
+        raise GSQError(f"activation rows of {x.shape[-1]} values are not whole blocks of {size}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    """`value` as a tensor like `like`: `value / t` with a Python scalar is computed as
+    value * (1 / t) by PyTorch, one rounding more than C's division."""
+    return torch.full_like(like, value)
+
+
+def round_q8_0(x: Tensor) -> Tensor:
+    """x [..., n] (n a multiple of 32) as llama.cpp's Q8_0 activations hold it, fp32 [..., n]."""
+    b = _blocks(x.float(), 32)
+    amax = b.abs().amax(dim=-1, keepdim=True)  # [..., n/32, 1]
+    inv = torch.where(amax > 0, _const(127.0, amax) / amax, torch.zeros_like(amax))
+    d = (amax / 127.0).half().float()  # the block scale is stored as fp16
+    return (torch.round(b * inv) * d).reshape(x.shape)
+
+
+def round_q8_k(x: Tensor) -> Tensor:
+    """x [..., n] (n a multiple of 256) as llama.cpp's Q8_K activations hold it, fp32 [..., n].
+
+    The scale follows the signed value of largest magnitude m (the first one on ties):
+    iscale = -127 / m, so m itself maps to -127 and nothing rounds past +127."""
+    b = _blocks(x.float(), 256)
+    first_max = b.abs().argmax(dim=-1, keepdim=True)  # [..., n/256, 1]
+    m = b.gather(-1, first_max)
+    iscale = torch.where(m != 0, _const(-127.0, m) / m, torch.zeros_like(m))
+    d = torch.where(m != 0, _const(1.0, m) / iscale, torch.zeros_like(m))
+    q = torch.round(b * iscale).clamp(max=127)
+    return (q * d).reshape(x.shape)
+
+
+def round_activations(x: Tensor, rounding: str | None) -> Tensor:
+    """x rounded as `rounding` ('q8_0', 'q8_K', 'f16', 'bf16' or None) says, in x's dtype."""
+    if rounding is None:
+        return x
+    if rounding == "f16":
+        return x.half().to(x.dtype)
+    if rounding == "bf16":
+        return x.bfloat16().to(x.dtype)
+    rounded = round_q8_0(x) if rounding == "q8_0" else round_q8_k(x)
+    return rounded.to(x.dtype)
+
+
+def f16_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                  scaling: float) -> Tensor:
+    """llama.cpp's attention without flash attention, for query [b, h, n, d], key and value
+    [b, h_kv, m, d] (after RoPE) and an additive float mask [b, 1, n, m] or None (then causal,
+    the n queries being the last n of the m positions). Returns [b, n, h, d]."""
+    rep = query.shape[1] // key.shape[1]
+    q = query.half().float()
+    k = key.half().float().repeat_interleave(rep, dim=1)
+    v = value.half().float().repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scaling  # [b, h, n, m] fp32
+    if mask is None:
+        n, m = scores.shape[-2:]
+        causal = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril(m - n)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., : scores.shape[-1]], float("-inf"))
+    else:
+        scores = scores + mask[..., : scores.shape[-1]].float()
+    probs = F.softmax(scores, dim=-1).half().float()
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+def _attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, scaling: float | None = None,
+                       dropout: float = 0.0, **_: Any) -> tuple[Tensor, None]:
+    """transformers' attention-function signature around `f16_attention`."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return f16_attention(query, key, value, attention_mask, scaling), None
+
+
+def _register_attention() -> None:
+    """Make ATTENTION_NAME a transformers attention implementation (eager-style float mask)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+
+
+def linear_roundings(model: nn.Module, tensor_types: dict[str, str], n_layer: int
+                     ) -> dict[str, str | None]:
+    """HF linear module name -> activation rounding, from the GGUF tensor types of the file the
+    model was read from (`tensor_types`: GGUF tensor name -> type name). lm_head reads the type of
+    `output.weight`, or of `token_embd.weight` when the file ties them as llama.cpp does."""
+    from gsq.export.gguf_file import gguf_tensor_name
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        gguf_name = gguf_tensor_name(f"{name}.weight", n_layer)
+        if gguf_name == "output.weight" and gguf_name not in tensor_types:
+            gguf_name = "token_embd.weight"
+        qtype = tensor_types.get(gguf_name)
+        if qtype is None:
+            raise GSQError(f"the GGUF file has no tensor '{gguf_name}' for module '{name}'")
+        if qtype not in ACTIVATION_ROUNDING:
+            raise GSQError(f"--numerics llama.cpp does not know how llama.cpp rounds the "
+                           f"activations of a {qtype} tensor ('{gguf_name}')")
+        out[name] = ACTIVATION_ROUNDING[qtype]
+    return out
+
+
+@contextlib.contextmanager
+def llamacpp_numerics(model: nn.Module, roundings: dict[str, str | None]) -> Iterator[None]:
+    """Within the block, `model` computes as llama.cpp's CPU backend does: every linear named in
+    `roundings` rounds its input first, and attention runs in fp16 (see the module docstring)."""
+    _register_attention()
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_pre_hook(_input_rounder(rounding))
+             for name, rounding in roundings.items() if rounding is not None]
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        model.set_attn_implementation(before)
+
+
+def _input_rounder(rounding: str):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (round_activations(args[0], rounding), *args[1:])
+    return hook
