@@ -303,6 +303,8 @@ class Table:
         self.tag = args.preset + (f".{hashlib.sha1(args.budget.encode()).hexdigest()[:6]}"
                                   if args.budget else "")
         self.rows = {r.name: r for r in plan_rows()}
+        self.earlier = (json.loads(Path(args.llamacpp_from).read_text())["rows"]
+                        if args.llamacpp_from else {})
 
     # files ------------------------------------------------------------------------------------
 
@@ -399,7 +401,7 @@ class Table:
                 with open(self.work / QUEUE, "a") as fh:
                     fh.write(f"{gguf}\n")
             return
-        lc = self.evaluate(rec, gguf, "llama.cpp")
+        lc = self.earlier_llamacpp(rec) or self.evaluate(rec, gguf, "llama.cpp")
         rec.update(ppl_llamacpp=lc["ppl"], tokens_llamacpp=lc["tokens"])
         if num is not None:
             rec["agreement_lcnum_pct"] = 100 * abs(lc["ppl"] - num["ppl"]) / num["ppl"]
@@ -409,6 +411,17 @@ class Table:
         if lc["tokens"] != ref["tokens"]:
             rec["notes"].append(f"token counts differ: llama.cpp {lc['tokens']}, "
                                 f"gsq {ref['tokens']}")
+
+    def earlier_llamacpp(self, rec: dict) -> dict | None:
+        """llama.cpp's result for a file of the same md5 in --llamacpp-from, if there is one
+        (llama.cpp is not run again on a byte-identical file)."""
+        for old in self.earlier.values():
+            if old.get("md5") == rec["md5"] and old.get("ppl_llamacpp") is not None:
+                rec["notes"].append(f"llama.cpp ppl of the same file (md5) from "
+                                    f"{Path(self.args.llamacpp_from).name}, "
+                                    f"{old.get('machine', 'earlier run')}")
+                return {"ppl": old["ppl_llamacpp"], "tokens": old["tokens_llamacpp"]}
+        return None
 
     # rows -------------------------------------------------------------------------------------
 
@@ -634,6 +647,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"WORK/{QUEUE_CLOSED} exists; all: everything (reusing what the stages "
                         "made). Lets one GPU process per row set and one llama.cpp process run "
                         "side by side")
+    p.add_argument("--llamacpp-from", default=None, metavar="JSON",
+                   help="take llama.cpp's ppl of a file from this earlier results file when it "
+                        "holds a row with the same md5 (noted in the row) instead of running it")
+    p.add_argument("--lc-files", default="*", metavar="GLOB",
+                   help="--stage llamacpp: evaluate only queued files whose name matches")
     p.add_argument("--no-numerics", dest="numerics", action="store_false",
                    help="skip `gsq eval --numerics llama.cpp` of each file (by default every "
                         "file is also evaluated that way, beside the agreement column)")
@@ -678,6 +696,8 @@ def follow_queue(table: Table, poll_seconds: float = 5.0) -> None:
         todo = [p for p in paths if p not in done]
         for path in todo:
             done.add(path)
+            if not fnmatch.fnmatch(Path(path).name, table.args.lc_files):
+                continue
             if not claim(table.work / "eval" / f"{Path(path).name}.claim"):
                 continue  # another --stage llamacpp process has it
             rec = {"seconds": {}, "commands": []}
