@@ -4,6 +4,7 @@ One row per GGUF file of the base model (SmolLM2-135M-Instruct by default):
 
   f16            the F16 GGUF of the base written by gsq (`write_base_gguf`): llama.cpp's input
   lc-Q2_K ...    llama.cpp's Q2_K, Q3_K_M, Q4_K_M, Q4_0 of f16 (`quantize_with_llamacpp`)
+  lc-Q2_0        llama.cpp's Q2_0 of f16: the tensor types (and size) of gsq-Q2_0+embd
   gsq-Q4_0       `gsq quantize --bits 4 --group-size 32` -> `gsq export --format gguf` (Q4_0)
   gsq-Q2_0       `gsq quantize --bits 2 --group-size 64` -> export (Q2_0)
   gsq-Q2_K ...   `gsq quantize --target gguf:Q2_K|Q3_K|Q4_K` -> export (rows that are not whole
@@ -116,6 +117,8 @@ class Row:
 def plan_rows() -> list[Row]:
     rows = [Row("f16", "base", "F16 GGUF of the base (gsq), llama.cpp's quantizer input")]
     rows += [Row(f"lc-{t}", "llamacpp", f"llama.cpp {t} of f16", ftype=t) for t in BASELINES]
+    rows += [Row("lc-Q2_0", "llamacpp", "llama.cpp Q2_0 of f16 (the types of gsq-Q2_0+embd)",
+                 ftype="Q2_0")]
     fresh = [Row("gsq-Q4_0", "gsq", "gsq 4-bit g32 -> Q4_0", flags=("--bits", "4",
                                                                      "--group-size", "32")),
              Row("gsq-Q2_0", "gsq", "gsq 2-bit g64 -> Q2_0", flags=("--bits", "2",
