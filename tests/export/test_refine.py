@@ -20,14 +20,15 @@ import torch
 
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
-from gsq.export.gguf_file import gguf_tensor_name, llama_hparams, qk_heads, read_gguf
-from gsq.export.gguf_refine import (
+from gsq.export.gguf_file import (
     decode_tensor,
-    refine_gguf,
-    report_path,
+    gguf_tensor_name,
+    llama_hparams,
+    qk_heads,
+    read_gguf,
     rotary_rows,
-    tensor_offsets,
 )
+from gsq.export.gguf_refine import refine_gguf, report_path, tensor_offsets
 from gsq.quant.trainer import TrainConfig
 
 SEQLEN = 64

@@ -353,6 +353,13 @@ def rotary_rows(x: np.ndarray, n_heads: int, to_hf: bool) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(*split, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape))
 
 
+def hf_values(t: GGUFTensor, heads: int | None) -> torch.Tensor:
+    """The decoded tensor (fp32, `t.shape`) in HF row order: attn_q / attn_k rows (`heads` from
+    `qk_heads`) taken back from llama.cpp's interleaved rotary order; None: as stored."""
+    values = decode_tensor(t)
+    return torch.from_numpy(rotary_rows(values, heads, True) if heads else values)
+
+
 def match_tensors(tensors: list[GGUFTensor], model: torch.nn.Module, hp: LlamaHParams,
                   path: str | Path, owner: str = "the base model") -> dict[str, str]:
     """GGUF name -> HF parameter name for every entry of `model.state_dict()` (`lm_head.weight`

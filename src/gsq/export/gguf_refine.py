@@ -59,8 +59,8 @@ from gsq.export.gguf_file import (
     GGUFTensor,
     LlamaHParams,
     atomic_output_file,
-    decode_tensor,
     field_value,
+    hf_values,
     llama_hparams,
     match_tensors,
     qk_heads,
@@ -111,7 +111,7 @@ class _Linear:
 
     def values(self) -> Tensor:
         """The decoded weight `(out, in)` in HF row order."""
-        return _hf_values(self.tensor, self.heads)
+        return hf_values(self.tensor, self.heads)
 
 
 @dataclass
@@ -260,12 +260,6 @@ def _reason(t: GGUFTensor, by_gguf: dict[str, str]) -> str:
     return "not a block linear"
 
 
-def _hf_values(t: GGUFTensor, heads: int | None) -> Tensor:
-    """The decoded tensor in HF row order."""
-    values = decode_tensor(t)
-    return torch.from_numpy(rotary_rows(values, heads, True) if heads else values)
-
-
 def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: _Plan,
                      hp: LlamaHParams) -> None:
     """Write the file's decoded values into every parameter except the refined blocks' linears,
@@ -279,7 +273,7 @@ def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: _Plan,
         param = params.get(hf_name)
         if param is None:  # a buffer, or a tied duplicate
             continue
-        values = _hf_values(t, qk_heads(t.name, hp))
+        values = hf_values(t, qk_heads(t.name, hp))
         with torch.no_grad():
             param.copy_(values.reshape(param.shape).to(param.dtype))
 

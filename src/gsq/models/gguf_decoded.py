@@ -21,14 +21,13 @@ import torch
 from gsq.errors import GSQError
 from gsq.export.gguf_file import (
     GGUFTensor,
-    decode_tensor,
     field_value,
+    hf_values,
     llama_hparams,
     match_tensors,
     metadata_only_gguf,
     missing_types,
     qk_heads,
-    rotary_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -100,12 +99,8 @@ def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Pat
         hf_name = by_gguf.get(t.name)
         if hf_name is None or hf_name not in params:
             continue
-        values = decode_tensor(t)
-        heads = qk_heads(t.name, hp)
-        if heads:
-            values = rotary_rows(values, heads, to_hf=True)
         with torch.no_grad():
-            params[hf_name].copy_(torch.from_numpy(values))
+            params[hf_name].copy_(hf_values(t, qk_heads(t.name, hp)))
         written.add(hf_name)
     unwritten = sorted(set(params) - written)
     if unwritten:
