@@ -121,3 +121,40 @@ def _byte_bpe_tokenizer():
 def build_byte_bpe_tokenizer() -> Callable:
     """Factory of a small byte-level BPE tokenizer (a new object per call)."""
     return _byte_bpe_tokenizer
+
+
+# Final-norm multiplier of the `arch_model_dir` models: next-token entropy ~6 nats instead of the
+# ~10.8 of a uniform guess over 49,152 tokens, so a broken tensor layout shows in the logits.
+ARCH_LOGIT_SCALE = 20.0
+
+
+@pytest.fixture(scope="session")
+def demo_tok():
+    """SmolLM2's real tokenizer (gsq.models.synthetic.demo_tokenizer), loaded once per session."""
+    from gsq.models.synthetic import demo_tokenizer
+
+    return demo_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def arch_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_tok) -> Callable[..., Path]:
+    """Factory: `arch_model_dir(arch, seed=0, logit_scale=ARCH_LOGIT_SCALE, **config_overrides)`
+    -> a folder holding a tiny random model of `arch` (a key of synthetic.ARCHITECTURES) in bf16
+    sharded safetensors, with SmolLM2's tokenizer (vocab 49,152). Cached: read-only use."""
+    import json
+
+    from gsq.models.synthetic import build_random_model, random_config, save_random_model
+
+    cache: dict[str, Path] = {}
+
+    def make(arch: str, seed: int = 0, logit_scale: float = ARCH_LOGIT_SCALE,
+             **overrides) -> Path:
+        key = json.dumps([arch, seed, logit_scale, overrides], sort_keys=True)
+        if key not in cache:
+            config = random_config(arch, len(demo_tok), **overrides)
+            model = build_random_model(config, seed=seed, logit_scale=logit_scale)
+            path = tmp_path_factory.mktemp(f"arch-{arch}")
+            cache[key] = save_random_model(model, demo_tok, path)
+        return cache[key]
+
+    return make
