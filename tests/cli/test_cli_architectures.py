@@ -1,0 +1,118 @@
+"""`gsq quantize` refuses an architecture, or an architecture with a GGUF target or a later export
+format it cannot do, from the config alone: no weight is loaded, one error line, nothing at --out.
+
+The sources here are config-only folders (config.json, no weights) and key-only GGUF files: a
+refusal that needed the weights would fail on them differently, and transformers' loaders are
+replaced by stubs that fail the test if called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gsq.cli.__main__ import main
+from gsq.models.synthetic import random_config
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if any model or tokenizer is loaded."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        pytest.fail("a model or tokenizer was loaded before the architecture check")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+def _config_dir(root: Path, arch: str, **overrides) -> Path:
+    path = root / arch
+    random_config(arch, 256, **overrides).save_pretrained(path)
+    return path
+
+
+def _gguf_keys_only(path: Path, arch: str, name: str = "tiny") -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_block_count(2)
+    writer.add_token_list([b"a", b"b"])  # an array before nothing else: must be skipped
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _refused(capsys, tmp_path: Path, model: Path, *extra: str) -> str:
+    out = tmp_path / "out"
+    code = main(["-q", "quantize", str(model), "--out", str(out), "--method", "rtn", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("gsq: error: "), err
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
+    return err[0]
+
+
+def test_unsupported_model_type_from_config_json(capsys, tmp_path, no_loading):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=4).save_pretrained(tmp_path / "gpt2")
+    line = _refused(capsys, tmp_path, tmp_path / "gpt2")
+    assert "unsupported architecture 'gpt2'" in line
+    assert "llama, mistral, qwen2, qwen3" in line
+
+
+def test_model_type_transformers_does_not_know(capsys, tmp_path, no_loading):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.json").write_text('{"model_type": "brand_new_lm"}')
+    assert "unsupported architecture 'brand_new_lm'" in _refused(capsys, tmp_path,
+                                                                   tmp_path / "new")
+
+
+def test_unsupported_gguf_architecture(capsys, tmp_path, no_loading):
+    path = _gguf_keys_only(tmp_path / "m.gguf", "gemma3")
+    assert "unsupported architecture 'gemma3'" in _refused(capsys, tmp_path, path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_gguf_target_on_an_architecture_gguf_does_not_write(capsys, tmp_path, no_loading, arch):
+    line = _refused(capsys, tmp_path, _config_dir(tmp_path, arch), "--target", "gguf:Q4_0")
+    assert f"gguf is not supported for '{arch}' models; it is for llama" in line
+
+
+def test_export_format_gguf_is_checked_like_a_target(capsys, tmp_path, no_loading):
+    line = _refused(capsys, tmp_path, _config_dir(tmp_path, "qwen2"), "--export-format", "gguf")
+    assert "gguf is not supported for 'qwen2'" in line
+
+
+def test_gguf_target_checks_the_config_details(capsys, tmp_path, no_loading):
+    """A llama with llama3 rope scaling: the model type is fine, the rope is not (yet)."""
+    line = _refused(capsys, tmp_path, _config_dir(tmp_path, "llama3"), "--target", "gguf:Q4_0")
+    assert "rope scaling 'llama3'" in line
+
+
+def test_gguf_file_of_another_architecture_with_a_target(capsys, tmp_path, no_loading):
+    path = _gguf_keys_only(tmp_path / "q.gguf", "qwen3moe")
+    assert "unsupported architecture 'qwen3_moe'" in _refused(capsys, tmp_path, path)
+
+
+def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):
+    """llama + GGUF target and qwen2 + compressed-tensors pass the check and reach loading."""
+    import transformers
+
+    loaded = []
+
+    def stop(source, *args, **kwargs):
+        loaded.append(Path(source).name)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", stop)
+    for arch, extra in (("llama", ["--target", "gguf:Q4_0"]),
+                        ("qwen2", ["--export-format", "compressed-tensors"])):
+        model = _config_dir(tmp_path, arch)
+        assert main(["-q", "quantize", str(model), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert loaded == ["llama", "qwen2"]
