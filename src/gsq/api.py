@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,20 +19,43 @@ import torch
 from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
-from gsq.io.quantized_dir import check_output_path, is_quantized_dir, load_quantized, save_quantized
+from gsq.io.quantized_dir import check_output_path, is_quantized_dir, load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
+from gsq.models.streaming import open_model
 from gsq.quant.types import QuantizedWeight
+from gsq.run import RunInputs, modules_report, run_streamed
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class QuantizeResult:
-    model: torch.nn.Module  # the model with dequantized hard weights in its quantized linears
-    tokenizer: object
-    records: dict[str, QuantizedWeight]
-    report: dict
-    out: Path | None
+    """What `quantize` returns: the report, the output directory, the tokenizer, and the
+    quantized model and its records, read from the output directory on first use (a model
+    larger than memory is never loaded unless asked for)."""
+
+    def __init__(self, model: torch.nn.Module | None, tokenizer: object,
+                 records: dict[str, QuantizedWeight] | None, report: dict,
+                 out: Path | None) -> None:
+        self._model, self._records = model, records
+        self.tokenizer, self.report, self.out = tokenizer, report, out
+
+    def _load(self) -> None:
+        if self.out is None:
+            raise GSQError("the quantized model was not kept (no output directory)")
+        self._model, _, self._records = load_quantized(self.out)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model with the dequantized hard weights in its quantized linears (fp32)."""
+        if self._model is None:
+            self._load()
+        return self._model
+
+    @property
+    def records(self) -> dict[str, QuantizedWeight]:
+        if self._records is None:
+            self._load()
+        return self._records
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -163,23 +186,41 @@ def check_source_architecture(model_source: str, cfg: QuantizeConfig,
 
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
              out: str | Path | None = None, device: str | None = "cpu", progress: bool = True,
-             overwrite: bool = False, export_formats: tuple[str, ...] = ()) -> QuantizeResult:
-    """Load, calibrate and quantize a model; write the quantized directory to `out` if given.
+             overwrite: bool = False, resume: bool = False,
+             export_formats: tuple[str, ...] = ()) -> QuantizeResult:
+    """Quantize a model streamed from disk block by block and write the quantized directory to
+    `out` (see `gsq.run`); without `out`, into a temporary directory whose model is loaded.
 
+    resume: continue the partial run `OUT.partial` a killed run left (or start one).
     export_formats: formats the result will be exported in ("gguf", "compressed-tensors"),
     checked against the architecture before any work, as a GGUF `cfg.target` is.
     """
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="gsq-quantize-") as tmp:
+            result = quantize(model_source, cfg, calib, Path(tmp) / "model", device, progress,
+                              export_formats=export_formats)
+            return QuantizeResult(result.model, result.tokenizer, result.records, result.report,
+                                  None)
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    if out is not None:
-        check_output_path(out, overwrite)
+    reset_peak_memory(dev)
+    out = check_output_path(out, overwrite)
     check_source_architecture(model_source, cfg, tuple(export_formats))
-    model, tokenizer = load_any_model(model_source)
+    streamed = open_model(model_source)
+    adapter = adapter_for(streamed.model.config.model_type)
     # fail on a spec that cannot apply before tokenizing
-    check_module_specs(model, adapter_for(model.config.model_type), cfg)
-    tokens = calibration_tokens(tokenizer, calib)
-    records, report = quantize_model(model, tokenizer, cfg, tokens, dev, progress)
-    report.update({"model": model_source, "wall_seconds": time.perf_counter() - t0})
-    if out is not None:
-        save_quantized(out, model, tokenizer, records, cfg.to_dict(), report, overwrite)
-    return QuantizeResult(model, tokenizer, records, report, Path(out) if out else None)
+    check_module_specs(streamed.model, adapter, cfg)
+    tokens = calibration_tokens(streamed.tokenizer, calib)
+    inputs = RunInputs(streamed, adapter, calibration_windows(tokens, cfg), cfg, dev)
+    on_disk = False
+
+    def complete_report(report: dict, modules: dict) -> dict:
+        report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+                       **modules_report(cfg, modules), "device": str(dev),
+                       "activations": "disk" if on_disk else "memory",
+                       "model": model_source, "wall_seconds": time.perf_counter() - t0,
+                       **peak_memory(dev)})
+        return report
+
+    report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report)
+    return QuantizeResult(None, streamed.tokenizer, None, report, out)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gsq.calib.cache import ActivationStore
+from gsq.calib.objectives import map_batches
 from gsq.models.base import ModelAdapter
 
 # Block kwargs that only matter for generation with a KV cache.
@@ -44,11 +46,14 @@ def _run_to_first_block(model: nn.Module, first: nn.Module, ids: Tensor) -> tupl
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, ids: Tensor, device: torch.device,
-                         batch_size: int = 8) -> Tensor:
-    """Hidden states entering block 0 for token ids `(N, T)` -> `(N, T, hidden)` on `device`."""
+                         batch_size: int = 8, home: torch.device | None = None,
+                         store: ActivationStore | None = None) -> Tensor:
+    """Hidden states entering block 0 for token ids `(N, T)` -> `(N, T, hidden)` on `home`
+    (default `device`), gathered batch by batch into a tensor of `store` on the host."""
     first = adapter.blocks(model)[0]
-    chunks = [_run_to_first_block(model, first, c.to(device))[0] for c in ids.split(batch_size)]
-    return torch.cat(chunks)
+    home = device if home is None else home
+    return map_batches(lambda c: _run_to_first_block(model, first, c)[0], ids.to(home),
+                       batch_size, device, store)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gsq.calib.cache import ActivationStore
+
 
 class _SubBlock(nn.Module):
     """Wraps `fn(block, x)` as a module so that `functional_call` can replace the block's
@@ -74,9 +76,19 @@ class ActivationObjective:
 
 @torch.no_grad()
 def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int,
-                device: torch.device | None = None) -> Tensor:
+                device: torch.device | None = None, store: ActivationStore | None = None) -> Tensor:
     """Apply `fn` to `x` `(N, ...)` in batches along dim 0, each batch moved to `device` (default:
-    x's device) for the call; results are gathered back on x's device (e.g. host-offloaded buffers).
+    x's device) for the call; results are gathered back on x's device (e.g. host-offloaded buffers),
+    into a tensor from `store` when x is on the host and a store is given (RAM or a spill file).
     """
     device = x.device if device is None else device
-    return torch.cat([fn(chunk.to(device)).to(x.device) for chunk in x.split(batch_size)])
+    if store is None or x.device.type != "cpu":
+        return torch.cat([fn(chunk.to(device)).to(x.device) for chunk in x.split(batch_size)])
+    out, start = None, 0
+    for chunk in x.split(batch_size):
+        y = fn(chunk.to(device)).to(x.device)
+        if out is None:
+            out = store.empty((len(x), *y.shape[1:]), y.dtype)
+        out[start:start + len(y)] = y
+        start += len(y)
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gsq.calib.cache import ActivationStore
 from gsq.calib.capture import capture_block_context, capture_block_inputs
 from gsq.calib.hooks import collect_hessians
 from gsq.calib.objectives import ActivationObjective, map_batches
@@ -43,11 +44,13 @@ QK_EVALS = 10  # held-out checks (best-step candidates) over a Q/K stage
 
 @dataclass
 class Buffers:
-    """Hidden states entering the current block, `(N, T, hidden)` per split."""
+    """Hidden states entering the current block, `(N, T, hidden)` per split; `store` allocates
+    the host tensors derived from them (RAM or spill files, `gsq.calib.cache`)."""
 
     train: Tensor
     val: Tensor
     gptq: Tensor
+    store: ActivationStore | None = field(default=None, compare=False, repr=False)
 
     def items(self):
         return {"train": self.train, "val": self.val, "gptq": self.gptq}.items()
@@ -180,8 +183,9 @@ def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tu
 
         def fn(block, x):
             return adapter.mlp_residual(block, x)
-        train = (map_batches(attn, bufs.train, micro, bc.device), bc.targets["block_train"])
-        val = (map_batches(attn, bufs.val, micro, bc.device), bc.targets["block_val"])
+        train = (map_batches(attn, bufs.train, micro, bc.device, bufs.store),
+                 bc.targets["block_train"])
+        val = (map_batches(attn, bufs.val, micro, bc.device, bufs.store), bc.targets["block_val"])
     device = next(bc.block.parameters()).device
     objective = ActivationObjective(bc.block, fn, train, val, micro, device, cfg.train.autocast)
     quantizers = _quantizers(init, cfg, seed)
@@ -241,10 +245,10 @@ def _cache_fp_targets(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, mi
 
     splits = {"val": bufs.val, "train": bufs.train} if need_train else {"val": bufs.val}
     for split, x in splits.items():
-        attn_out = map_batches(attn, x, micro, bc.device)
+        attn_out = map_batches(attn, x, micro, bc.device, bufs.store)
         bc.targets[f"attn_{split}"] = attn_out
         bc.targets[f"block_{split}"] = map_batches(lambda h: adapter.mlp_residual(bc.block, h),
-                                                   attn_out, micro, bc.device)
+                                                   attn_out, micro, bc.device, bufs.store)
 
 
 @torch.no_grad()
@@ -253,7 +257,8 @@ def _propagate(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, micro: in
     def run(x):
         return adapter.block_forward(bc.block, x, bc.ctx)
 
-    return Buffers(*(map_batches(run, x, micro, bc.device) for _, x in bufs.items()))
+    return Buffers(*(map_batches(run, x, micro, bc.device, bufs.store) for _, x in bufs.items()),
+                   store=bufs.store)
 
 
 def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: QuantizeConfig,
@@ -302,57 +307,110 @@ def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int
     return device if need < free // 4 else torch.device("cpu")
 
 
+class BlockLoader:
+    """How the block loop gets weights: this default serves a model held in memory, moving each
+    block (and the embeddings) to the device for its turn. `gsq.models.streaming` has one that
+    reads each block from disk into a model skeleton and drops it afterwards."""
+
+    def load_embeddings(self, model: nn.Module, adapter: ModelAdapter,
+                        device: torch.device) -> None:
+        for module in adapter.embedding_modules(model):
+            module.to(device)
+
+    def release_embeddings(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        """After block-0 inputs and the block context are captured (in memory: kept)."""
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self._home = next(block.parameters()).device
+        block.to(device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block.to(self._home)
+
+
+# Called after each quantized block with (index, block still on the device, its records by
+# full name, its report entry, the next block's inputs): writes or checkpoints the block.
+BlockSink = Callable[[int, nn.Module, dict[str, QuantizedWeight], dict, Buffers], None]
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the first block to quantize and that block's inputs."""
+
+    start: int
+    bufs: Buffers
+
+
 @dataclass
 class RunStart:
     """What the block loop starts from: the blocks, how many to quantize, the block call kwargs,
-    where activations live, and the inputs of block 0 for every calibration split."""
+    where activations live, the first block to quantize and its inputs for every split."""
 
     blocks: nn.ModuleList
     n_blocks: int
     ctx: dict[str, Any]
     home: torch.device
     bufs: Buffers
+    start: int = 0
 
 
 def prepare_run(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
-                cfg: QuantizeConfig, device: torch.device) -> RunStart:
+                cfg: QuantizeConfig, device: torch.device, loader: BlockLoader | None = None,
+                store: ActivationStore | None = None,
+                resume: ResumePoint | None = None) -> RunStart:
     """Embeddings on the device, block context captured, block-0 inputs of the train/val/GPTQ
-    windows `(N, T)` captured onto their home (`activation_home`)."""
+    windows `(N, T)` captured onto their home (`activation_home`; host tensors from `store`), or
+    the inputs of `resume.start` taken over."""
+    loader = loader or BlockLoader()
     blocks = adapter.blocks(model)
     n_blocks = min(len(blocks), cfg.max_blocks or len(blocks))
-    for module in adapter.embedding_modules(model):
-        module.to(device)
+    loader.load_embeddings(model, adapter, device)
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
     home = activation_home(cfg, windows, model.config.hidden_size, device)
-    bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
-                                          cfg.train.micro_batch_size).to(home)
-                     for s in ("train", "val", "gptq")))
-    return RunStart(blocks, n_blocks, ctx, home, bufs)
+    if resume is not None:
+        bufs = Buffers(*(x.to(home) for _, x in resume.bufs.items()), store=store)
+    else:
+        bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
+                                              cfg.train.micro_batch_size, home, store)
+                         for s in ("train", "val", "gptq")), store=store)
+    loader.release_embeddings(model, adapter)
+    return RunStart(blocks, n_blocks, ctx, home, bufs, resume.start if resume else 0)
 
 
 def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
                      cfg: QuantizeConfig, device: torch.device, progress: bool = True,
-                     init_provider: InitProvider | None = None,
+                     init_provider: InitProvider | None = None, *,
+                     loader: BlockLoader | None = None, sink: BlockSink | None = None,
+                     store: ActivationStore | None = None, resume: ResumePoint | None = None,
                      ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize `model` in place, block by block, on calibration windows {train, val, gptq}
     `(N, T)`; `init_provider` replaces the GPTQ/RTN initialisation (see `InitProvider`).
 
-    Returns the records of every quantized linear (by full module name) and the run report.
+    loader: where block weights come from (default: the model in memory); sink: receives each
+    finished block (then its records are not kept here); store: host activation tensors;
+    resume: continue at `resume.start` from its inputs.
+    Returns the records of every quantized linear (by full module name) kept here, and the run
+    report (block entries of the blocks quantized by this call).
     """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    run = prepare_run(model, adapter, windows, cfg, device)
+    loader = loader or BlockLoader()
+    run = prepare_run(model, adapter, windows, cfg, device, loader, store, resume)
     blocks, n_blocks, ctx, bufs = run.blocks, run.n_blocks, run.ctx, run.bufs
     records, block_reports = {}, []
-    for index in tqdm(range(n_blocks), desc="blocks", unit="block", disable=not progress):
+    for index in tqdm(range(run.start, n_blocks), desc="blocks", unit="block",
+                      initial=run.start, total=n_blocks, disable=not progress):
         block = blocks[index]
-        block_home = next(block.parameters()).device
-        block.to(device)
-        block_records, report, bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
-                                                     progress, init_provider)
-        block.to(block_home)
-        records.update(block_records)
+        loader.load(index, block, device)
+        block_records, report, next_bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
+                                                          progress, init_provider)
+        if sink is None:
+            records.update(block_records)
+        else:
+            sink(index, block, block_records, report, next_bufs)
+        loader.release(index, block)
+        bufs = next_bufs
         block_reports.append(report)
         log.info("block %d: rel. output MSE %.4g, %.1f s", index, report["val_block_rel_mse"],
                  report["seconds"])

@@ -72,7 +72,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, qw in records.items():
         tensors[f"{name}.codes"] = qw.codes.to(torch.int8).contiguous().cpu()
@@ -82,7 +82,7 @@ def _records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.
     return tensors
 
 
-def _module_meta(qw: QuantizedWeight) -> dict:
+def module_meta(qw: QuantizedWeight) -> dict:
     meta = {"bits": qw.spec.bits, "group_size": qw.spec.group_size, "shape": list(qw.shape)}
     if qw.spec.target:
         meta["target"] = qw.spec.target
@@ -97,13 +97,13 @@ def save_quantized(out: str | Path, model: nn.Module, tokenizer,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": config,
-        "modules": {name: _module_meta(qw) for name, qw in records.items()},
+        "modules": {name: module_meta(qw) for name, qw in records.items()},
     }
     with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(_records_to_tensors(records), str(tmp / CODES_FILE))
+        save_file(records_to_tensors(records), str(tmp / CODES_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return Path(out)

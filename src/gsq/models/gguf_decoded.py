@@ -45,15 +45,24 @@ def load_decoded_gguf(path: Path, fields: dict[str, Any], tensors: list[GGUFTens
     _check_architecture(path, fields, tensors)
     log.info("loading GGUF %s (tensor types %s decoded by gsq, to %s)", path,
              ", ".join(missing_types(tensors)), dtype)
+    config, tokenizer = gguf_config_and_tokenizer(path, fields, tensors)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fill_parameters(model, tensors, path)
+    return model, tokenizer
+
+
+def gguf_config_and_tokenizer(path: Path, fields: dict[str, Any],
+                              tensors: list[GGUFTensor]) -> tuple[Any, Any]:
+    """transformers' config (tied embeddings and vocabulary size as the tensors say) and
+    tokenizer of a `llama` GGUF file, built from its keys alone."""
+    _check_architecture(path, fields, tensors)
     config, tokenizer = _config_and_tokenizer(path, fields)
     names = {t.name for t in tensors}
     config.tie_word_embeddings = "output.weight" not in names  # llama.cpp reuses token_embd
     embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if embd is not None:
         config.vocab_size = int(embd.shape[0])  # the keys may lack llama.vocab_size
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    fill_parameters(model, tensors, path)
-    return model, tokenizer
+    return config, tokenizer
 
 
 def _check_architecture(path: Path, fields: dict[str, Any], tensors: list[GGUFTensor]) -> None:

@@ -60,7 +60,7 @@ def load_base_model(
         model, tokenizer = _load_gguf(path, dtype)
     elif path.is_dir():
         model, tokenizer = _load_pretrained(source, str(path), dtype)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise GSQError(f"model path '{source}' does not exist")
     else:
         model, tokenizer = _load_pretrained(source, source, dtype)
@@ -74,7 +74,7 @@ def load_base_model(
     return model, tokenizer
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """True if `source` can only be meant as a local path (so a missing one is an error, not a
     hub lookup)."""
     if source.lower().endswith(".gguf") or not _HUB_ID.match(source):
@@ -96,6 +96,21 @@ def _load_pretrained(source: str, name_or_path: str, dtype: torch.dtype) -> tupl
     except ValueError as e:  # e.g. unknown model type / config without a causal-LM class
         raise GSQError(f"cannot load model '{source}': {_first_line(e)}") from e
     return model, tokenizer
+
+
+def load_config_and_tokenizer(source: str, name_or_path: str) -> tuple[Any, Any]:
+    """The config and tokenizer of a local folder or hub id, without weights (streaming,
+    `gsq.models.streaming`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        raise _load_error(source, e) from e
+    except ValueError as e:
+        raise GSQError(f"cannot load model '{source}': {_first_line(e)}") from e
+    return config, tokenizer
 
 
 def _load_error(source: str, e: OSError) -> GSQError:
@@ -173,6 +188,9 @@ def _gguf_architecture(path: Path) -> str:
         return "?"
 
 
+translate_load_error = _load_error
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -199,7 +217,7 @@ def peek_architecture(source: str | Path) -> tuple[str | None, Any | None]:
         if path.suffix.lower() != ".gguf":
             raise GSQError(f"model path '{source}' is a file but not a .gguf file")
         return _gguf_model_type(path), None
-    if not path.is_dir() and _looks_like_path(source):
+    if not path.is_dir() and looks_like_path(source):
         raise GSQError(f"model path '{source}' does not exist")
     return _config_json(source, str(path) if path.is_dir() else source)
 

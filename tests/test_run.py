@@ -1,0 +1,133 @@
+"""Streamed runs through the partial directory: an interrupted run resumed with `resume=True`
+writes the same bytes as an uninterrupted one; a changed config or input is refused; nothing
+appears at `out` before the end; a user error removes the partial directory."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import gsq.calib.sequential as sequential
+from gsq.api import quantize
+from gsq.config import cpu_preset
+from gsq.errors import GSQError
+from gsq.io.partial import partial_path
+from gsq.quant.trainer import TrainConfig
+
+WORDS = ("the", "of", "and", "to", "in", "is", "was", "that", "for", "on", "with", "as", "by")
+
+
+def _cfg(**changes):
+    base = dict(method="gsq", group_size=32, nsamples=4, val_samples=2, gptq_samples=4, seqlen=16,
+                qk_steps=2, train=TrainConfig(epochs=1, batch_size=2, micro_batch_size=2))
+    return cpu_preset(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_llama, byte_tokenizer):
+    path = tmp_path_factory.mktemp("model")
+    tiny_llama(5, num_hidden_layers=3).to(torch.bfloat16).save_pretrained(path)
+    byte_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(600)))
+    return path
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name.endswith(".safetensors") or p.name.endswith(".index.json")}
+
+
+def _interrupt_at(monkeypatch, block: int):
+    real = sequential.quantize_block
+
+    def fake(blk, index, *args, **kwargs):
+        if index == block:
+            raise KeyboardInterrupt
+        return real(blk, index, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "quantize_block", fake)
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(model_dir, calib, tmp_path, monkeypatch):
+    reference = tmp_path / "ref"
+    quantize(str(model_dir), _cfg(), calib=str(calib), out=reference, progress=False)
+    out = tmp_path / "q"
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    monkeypatch.undo()
+    assert not out.exists()
+    state = json.loads((partial_path(out) / "run.json").read_text())
+    assert state["done"] == 2 and len(state["blocks"]) == 2
+    with pytest.raises(GSQError, match="--resume"):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    result = quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False,
+                      resume=True)
+    assert result.report["resumed_from_block"] == 2
+    assert [b["block"] for b in result.report["blocks"]] == [0, 1, 2]
+    assert not partial_path(out).exists()
+    assert _files(out) == _files(reference)
+    assert len(_files(out)) == 6  # 4 shards, the index, the codes
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(nsamples=6), "the run config differs (config.nsamples: 4 -> 6)"),
+    (dict(seed=1), "the run config differs (config.seed: 0 -> 1)"),
+])
+def test_resume_with_another_config_is_refused(model_dir, calib, tmp_path, monkeypatch, change,
+                                               reason):
+    out = tmp_path / "q"
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(GSQError) as err:
+        quantize(str(model_dir), _cfg(**change), calib=str(calib), out=out, progress=False,
+                 resume=True)
+    assert reason in str(err.value) and "\n" not in str(err.value)
+    assert partial_path(out).is_dir()  # kept: the right command can still resume it
+
+
+def test_resume_with_other_calibration_text_is_refused(model_dir, calib, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    monkeypatch.undo()
+    other = tmp_path / "other.txt"
+    other.write_text(calib.read_text()[::-1])
+    with pytest.raises(GSQError, match="the calibration data differs"):
+        quantize(str(model_dir), _cfg(), calib=str(other), out=out, progress=False, resume=True)
+
+
+def test_overwrite_discards_a_partial_run(model_dir, calib, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    monkeypatch.undo()
+    result = quantize(str(model_dir), _cfg(method="rtn"), calib=str(calib), out=out,
+                      progress=False, overwrite=True)
+    assert result.report["resumed_from_block"] == 0 and out.is_dir()
+
+
+def test_user_error_mid_run_removes_the_partial_directory(model_dir, calib, tmp_path,
+                                                          monkeypatch):
+    def fail(*args, **kwargs):
+        raise GSQError("block 0: quantized block output is not finite")
+
+    monkeypatch.setattr(sequential, "quantize_block", fail)
+    out = tmp_path / "q"
+    with pytest.raises(GSQError, match="not finite"):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    assert list(tmp_path.iterdir()) == []
