@@ -80,3 +80,23 @@ def test_act_order_survives_serialisation():
     assert QuantizeConfig().to_dict()["act_order"] is False
     scalars = {k: v for k, v in saved.items() if not isinstance(v, dict | list)}
     assert QuantizeConfig(**scalars).act_order is True
+
+
+@pytest.mark.parametrize("preset", [cpu_preset, gpu_preset, paper_preset])
+def test_e2e_stage_is_on_for_gsq_and_off_for_the_baselines(preset):
+    gsq = preset()
+    assert gsq.e2e.epochs >= 1 and gsq.nsamples // gsq.e2e.batch_size >= 16
+    assert preset(method="gptq").e2e.epochs == preset(method="rtn").e2e.epochs == 0
+    assert preset(method="gptq", e2e=gsq.e2e).e2e == gsq.e2e  # asked for explicitly
+    assert json.loads(json.dumps(gsq.to_dict()))["e2e"]["epochs"] == gsq.e2e.epochs
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"epochs": -1}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch"),
+    ({"loss": "mse"}, "loss"),
+])
+def test_invalid_e2e_configs(kwargs, match):
+    from gsq.config import E2EConfig
+
+    with pytest.raises(ValueError, match=match):
+        E2EConfig(**kwargs)

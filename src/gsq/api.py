@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gsq.calib.scale_finetune import capture_teacher, scale_finetune
 from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
@@ -79,15 +80,20 @@ def load_any_model(source: str, dtype: torch.dtype = torch.float32, device: str 
     return load_base_model(resolve_model_source(source), dtype=dtype, device=device)
 
 
-def calibration_tokens(tokenizer, calib: str | None) -> torch.Tensor:
-    """The calibration text (file, folder, dataset name, or the bundled book) tokenized once."""
-    from gsq.data.calibration import load_calibration_text, tokenize_text
+def calibration_tokens(tokenizer, calib: str | None, chat_template: bool = False):
+    """The calibration spec (`gsq.data.calibration.parse_calib_spec`: files, folders, parts of
+    the bundled mix, datasets, with proportions; None = the bundled mix) tokenized once per
+    source: a 1-D LongTensor for a single source, else a `TokenMix`. With `chat_template`, the
+    text is rendered as conversations in the tokenizer's chat template first."""
+    from gsq.data.calibration import load_calibration_mix
 
-    return tokenize_text(tokenizer, load_calibration_text(calib))
+    mix = load_calibration_mix(tokenizer, calib, chat_template)
+    return mix.parts[0][1] if len(mix.parts) == 1 else mix
 
 
-def calibration_windows(tokens: torch.Tensor, cfg: QuantizeConfig) -> dict[str, torch.Tensor]:
-    """Seeded, disjoint train/val/gptq windows `(n, seqlen)` cut from the token stream."""
+def calibration_windows(tokens, cfg: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """Seeded, disjoint train/val/gptq windows `(n, seqlen)` cut from the token stream (or from
+    each source of a `TokenMix` in proportion)."""
     from gsq.data.calibration import cut_windows
 
     counts = {"train": cfg.nsamples, "val": cfg.val_samples, "gptq": cfg.gptq_samples}
@@ -126,14 +132,18 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
-                   calib_tokens: torch.Tensor, device: torch.device,
+                   calib_tokens, device: torch.device,
                    progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize an in-memory model in place; returns (records, report with totals)."""
     t0 = time.perf_counter()
     reset_peak_memory(device)
     adapter = adapter_for(model.config.model_type)
     windows = calibration_windows(calib_tokens, cfg)
+    teacher = capture_teacher(model, adapter, windows, cfg, device) if cfg.e2e.epochs else None
     records, report = run_quantization(model, adapter, windows, cfg, device, progress)
+    if teacher is not None:
+        records, report["e2e"] = scale_finetune(model, adapter, records, windows, teacher, cfg,
+                                                device, progress)
     model.to("cpu")
     report.update({
         "method": cfg.method,
@@ -148,6 +158,41 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
         **target_report(cfg, records),
     })
     return records, report
+
+
+def finetune_output(out: Path, model_source: str, windows: dict[str, torch.Tensor],
+                    cfg: QuantizeConfig, device: torch.device, progress: bool = True) -> dict:
+    """The end-to-end scale stage (`gsq.calib.scale_finetune`) on a finished quantized directory.
+
+    In memory: the full-precision model (the teacher, run once and dropped) and then the quantized
+    model are loaded whole. When the stage keeps trained scales, `out` is rewritten atomically
+    (codes file, weights `scale * code` in the directory's dtype, report); else only its report
+    gains the `e2e` entry. Records read back from disk do not carry a K-type target's scale
+    lattice, so such tensors keep their scales (listed under `e2e.frozen`). Returns the report.
+    """
+    import json
+
+    from gsq.io.quantized_dir import META_FILE, REPORT_FILE, save_quantized
+
+    fp_model, _ = load_any_model(model_source)
+    adapter = adapter_for(fp_model.config.model_type)
+    teacher = capture_teacher(fp_model, adapter, windows, cfg, device)
+    del fp_model
+    model, tokenizer, records = load_quantized(out)
+    records, e2e = scale_finetune(model, adapter, records, windows, teacher, cfg, device,
+                                  progress)
+    report = json.loads((Path(out) / REPORT_FILE).read_text())
+    report["e2e"] = e2e
+    report["wall_seconds"] = report.get("wall_seconds", 0.0) + e2e["seconds"]
+    if e2e["best_epoch"] == 0:
+        (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        return report
+    config = json.loads((Path(out) / "config.json").read_text())
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
+    meta = json.loads((Path(out) / META_FILE).read_text())
+    save_quantized(out, model.to("cpu", dtype), tokenizer, records, meta["config"], report,
+                   overwrite=True)
+    return report
 
 
 def target_report(cfg: QuantizeConfig, records: dict[str, QuantizedWeight]) -> dict:
@@ -187,18 +232,21 @@ def check_source_architecture(model_source: str, cfg: QuantizeConfig,
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
              out: str | Path | None = None, device: str | None = "cpu", progress: bool = True,
              overwrite: bool = False, resume: bool = False,
-             export_formats: tuple[str, ...] = ()) -> QuantizeResult:
+             export_formats: tuple[str, ...] = (), chat_template: bool = False) -> QuantizeResult:
     """Quantize a model streamed from disk block by block and write the quantized directory to
     `out` (see `gsq.run`); without `out`, into a temporary directory whose model is loaded.
 
     resume: continue the partial run `OUT.partial` a killed run left (or start one).
     export_formats: formats the result will be exported in ("gguf", "compressed-tensors"),
     checked against the architecture before any work, as a GGUF `cfg.target` is.
+    calib: a calibration spec (`calibration_tokens`); chat_template: render it as conversations
+    in the tokenizer's chat template (instruct models). With `cfg.e2e.epochs`, the end-to-end
+    scale stage runs on the finished directory (`finetune_output`).
     """
     if out is None:
         with tempfile.TemporaryDirectory(prefix="gsq-quantize-") as tmp:
             result = quantize(model_source, cfg, calib, Path(tmp) / "model", device, progress,
-                              export_formats=export_formats)
+                              export_formats=export_formats, chat_template=chat_template)
             return QuantizeResult(result.model, result.tokenizer, result.records, result.report,
                                   None)
     t0 = time.perf_counter()
@@ -210,7 +258,7 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     adapter = adapter_for(streamed.model.config.model_type)
     # fail on a spec that cannot apply before tokenizing
     check_module_specs(streamed.model, adapter, cfg)
-    tokens = calibration_tokens(streamed.tokenizer, calib)
+    tokens = calibration_tokens(streamed.tokenizer, calib, chat_template)
     inputs = RunInputs(streamed, adapter, calibration_windows(tokens, cfg), cfg, dev)
     on_disk = False
 
@@ -218,9 +266,12 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
         report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
                        **modules_report(cfg, modules), "device": str(dev),
                        "activations": "disk" if on_disk else "memory",
-                       "model": model_source, "wall_seconds": time.perf_counter() - t0,
+                       "model": model_source, "calib": calib or "mix",
+                       "chat_template": chat_template, "wall_seconds": time.perf_counter() - t0,
                        **peak_memory(dev)})
         return report
 
     report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report)
+    if cfg.e2e.epochs:
+        report = finetune_output(out, model_source, inputs.windows, cfg, dev, progress)
     return QuantizeResult(None, streamed.tokenizer, None, report, out)

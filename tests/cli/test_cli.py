@@ -200,6 +200,22 @@ def test_gptq_with_act_order(tiny_llama_dir, calib_file, tmp_path):
     assert build_config(default).act_order is False
 
 
+def test_e2e_flags(capsys, tiny_llama_dir, calib_file, tmp_path):
+    from gsq.cli.__main__ import build_config, build_parser
+
+    def config(*extra):
+        return build_config(build_parser().parse_args(
+            _quantize_args(tiny_llama_dir, tmp_path / "o", calib_file, *extra)))
+
+    assert config().e2e.epochs == 1 and config("--method", "gptq").e2e.epochs == 0
+    cfg = config("--method", "gptq", "--e2e-epochs", "2", "--e2e-lr", "0.01", "--e2e-norms")
+    assert (cfg.e2e.epochs, cfg.e2e.lr, cfg.e2e.norms) == (2, 0.01, True)
+    assert config("--e2e-epochs", "0").e2e.epochs == 0
+    assert main(_quantize_args(tiny_llama_dir, tmp_path / "x", calib_file, "--method", "rtn",
+                               "--e2e-norms")) == 2
+    assert "--e2e-epochs" in _error_line(capsys)
+
+
 def test_eval_json_in_missing_folder(capsys, tiny_llama_dir, eval_file, tmp_path):
     target = tmp_path / "nope" / "result.json"
     assert main(["-q", "eval", str(tiny_llama_dir), "--text", str(eval_file), "--seqlen", "16",

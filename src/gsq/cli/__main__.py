@@ -81,9 +81,16 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "implies gguf)")
     p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
                    help="budget defaults that the flags below override (default: cpu)")
-    p.add_argument("--calib", default=None,
-                   help="text file or folder, or fineweb-edu / c4 / wikitext "
-                        "(default: bundled book)")
+    p.add_argument("--calib", default=None, metavar="SOURCE[:WEIGHT],...",
+                   help="calibration sources with their shares of the windows, e.g. "
+                        "'fiction:0.3,code:0.2,notes.txt:0.5'; a source is a part of the bundled "
+                        "mix (fiction, encyclopedic, technical, code, dialogue, book), a text file "
+                        "or folder, or a dataset (fineweb-edu, c4, wikitext); weights are "
+                        "normalised, none = equal shares (default: 'mix', all five kinds of "
+                        "the bundled mix)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render the calibration text as conversations in the tokenizer's chat "
+                        "template (instruct models)")
     p.add_argument("--nsamples", type=_positive, help="training sequences")
     p.add_argument("--val-samples", type=_positive, help="held-out calibration sequences")
     p.add_argument("--gptq-samples", type=_positive, help="sequences for GPTQ Hessians")
@@ -101,6 +108,15 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="budget-aware logit lr: raise lr so a logit can move this far (0 = off)")
     p.add_argument("--no-keep-best", action="store_true",
                    help="keep the last epoch even if the held-out loss rose (reference behaviour)")
+    p.add_argument("--e2e-epochs", type=int, default=None,
+                   help="end-to-end scale stage after the block loop: passes over the training "
+                        "windows training every group scale on KL(full precision || quantized), "
+                        "codes frozen, kept only if the held-out KL improves (default: the "
+                        "preset's for gsq, 0 = off for the gptq/rtn baselines)")
+    p.add_argument("--e2e-lr", type=float, default=None,
+                   help="e2e stage Lion lr, relative: each step moves a scale by lr x its value")
+    p.add_argument("--e2e-norms", action="store_true",
+                   help="e2e stage: train the RMSNorm weights too")
     p.add_argument("--scope", choices=("all", "mlp-only"), default="all")
     p.add_argument("--init", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--act-order", action="store_true",
@@ -130,7 +146,7 @@ def build_config(args: argparse.Namespace):
 
     from gsq.config import PRESETS
 
-    base = PRESETS[args.preset]()
+    base = PRESETS[args.preset](method=args.method)
     train_changes = {k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "logit_lr": args.logit_lr,
@@ -149,10 +165,25 @@ def build_config(args: argparse.Namespace):
             group_size=args.group_size or 128, init=args.init, act_order=args.act_order,
             scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
             seed=args.seed, offload_activations=_offload_choice(args),
-            train=dataclasses.replace(base.train, **train_changes), **changes)
+            train=dataclasses.replace(base.train, **train_changes), e2e=_e2e_config(base, args),
+            **changes)
         return _with_target(cfg, args)
     except ValueError as err:
         raise GSQError(str(err)) from err
+
+
+def _e2e_config(base, args: argparse.Namespace):
+    """The preset's e2e stage with the --e2e-* flags applied."""
+    import dataclasses
+
+    changes = {k: v for k, v in {"epochs": args.e2e_epochs, "lr": args.e2e_lr}.items()
+               if v is not None}
+    if args.e2e_norms:
+        changes["norms"] = True
+    e2e = dataclasses.replace(base.e2e, **changes)
+    if (args.e2e_lr is not None or args.e2e_norms) and e2e.epochs == 0:
+        raise GSQError("--e2e-lr / --e2e-norms need the e2e stage on (--e2e-epochs N)")
+    return e2e
 
 
 def _with_target(cfg, args: argparse.Namespace):
@@ -173,7 +204,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     result = quantize(args.model, cfg, calib=args.calib, out=args.out, device=args.device,
                       progress=not args.quiet, overwrite=args.overwrite,
-                      export_formats=tuple(args.export_format))
+                      export_formats=tuple(args.export_format),
+                      chat_template=args.chat_template)
     r = result.report
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.target)
     print(f"quantized {r['quantized_tensors']} tensors of "
@@ -379,8 +411,9 @@ def _add_refine_args(p: argparse.ArgumentParser) -> None:
                    help="its full-precision model: HF id or folder, a .gguf, or 'smollm2-demo'")
     p.add_argument("--out", required=True, help="refined .gguf (same size and tensor types; "
                                                 "written atomically, report in OUT.refine.json)")
-    p.add_argument("--calib", default=None,
-                   help="text file or folder, or fineweb-edu / c4 / wikitext (default: bundled)")
+    p.add_argument("--calib", default=None, metavar="SOURCE[:WEIGHT],...",
+                   help="calibration sources with shares, as `gsq quantize --calib` "
+                        "(default: the bundled mix)")
     p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
                    help="budget defaults that the flags below override (default: cpu)")
     p.add_argument("--scales", choices=("frozen", "train"), default="frozen",

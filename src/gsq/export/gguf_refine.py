@@ -315,13 +315,13 @@ def refine_config(cfg, scales: str):
                        bits_overrides=(), train=train)
 
 
-def refine_windows(tokens: Tensor, cfg, heldout: int) -> dict[str, Tensor]:
+def refine_windows(tokens, cfg, heldout: int) -> dict[str, Tensor]:
     """train / val / gptq windows as `calibration_windows` cuts them, plus up to `heldout` test
     windows from what is left (none if the text is too short)."""
-    from gsq.data.calibration import cut_windows
+    from gsq.data.calibration import cut_windows, window_capacity
 
     counts = {"train": cfg.nsamples, "val": cfg.val_samples, "gptq": cfg.gptq_samples}
-    spare = tokens.numel() // cfg.seqlen - sum(counts.values())
+    spare = window_capacity(tokens, cfg.seqlen) - sum(counts.values())
     counts["test"] = max(0, min(heldout, spare))
     return cut_windows(tokens, counts, cfg.seqlen, cfg.seed)
 

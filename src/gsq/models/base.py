@@ -46,6 +46,21 @@ class ModelAdapter:
         """Modules that run before block 0 (token embeddings, rotary embeddings)."""
         raise NotImplementedError
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm between the last block and the LM head."""
+        raise NotImplementedError
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        """hidden `(..., hidden)` after `final_norm` -> logits `(..., vocab)`."""
+        raise NotImplementedError
+
+    def norm_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every RMSNorm of the model by full name (blocks' and the final one): the
+        full-precision gains the end-to-end scale stage may train."""
+        return {name: module for name, module in model.named_modules()
+                if type(module).__name__.endswith("RMSNorm")
+                and isinstance(getattr(module, "weight", None), nn.Parameter)}
+
     def first_block_prefix(self) -> str:
         """Name prefix of block i's modules in the full model, e.g. 'model.layers.{i}.'."""
         raise NotImplementedError

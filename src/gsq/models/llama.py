@@ -32,6 +32,12 @@ class LlamaAdapter(ModelAdapter):
     def embedding_modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.model.embed_tokens, model.model.rotary_emb]
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
     def first_block_prefix(self) -> str:
         return "model.layers.{i}."
 
