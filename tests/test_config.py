@@ -85,7 +85,8 @@ def test_act_order_survives_serialisation():
 @pytest.mark.parametrize("preset", [cpu_preset, gpu_preset, paper_preset])
 def test_e2e_stage_is_on_for_gsq_and_off_for_the_baselines(preset):
     gsq = preset()
-    assert gsq.e2e.epochs >= 1 and gsq.nsamples // gsq.e2e.batch_size >= 16
+    assert gsq.e2e.epochs >= 1 and (gsq.e2e.windows or gsq.nsamples) // gsq.e2e.batch_size >= 16
+    assert (gsq.e2e.windows or gsq.nsamples) <= gsq.nsamples
     assert preset(method="gptq").e2e.epochs == preset(method="rtn").e2e.epochs == 0
     assert preset(method="gptq", e2e=gsq.e2e).e2e == gsq.e2e  # asked for explicitly
     assert json.loads(json.dumps(gsq.to_dict()))["e2e"]["epochs"] == gsq.e2e.epochs
@@ -93,6 +94,7 @@ def test_e2e_stage_is_on_for_gsq_and_off_for_the_baselines(preset):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"epochs": -1}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch"),
+    ({"windows": 0}, "windows"),
     ({"loss": "mse"}, "loss"),
 ])
 def test_invalid_e2e_configs(kwargs, match):

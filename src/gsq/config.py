@@ -29,6 +29,7 @@ class E2EConfig:
     KL(full precision || quantized) of the next-token distribution, codes frozen."""
 
     epochs: int = 0  # passes over the training windows; 0 = stage off
+    windows: int | None = None  # training windows used (the first N of the train split); None: all
     # Lion lr, relative: every step moves each scale (norm weight) by lr x its input value
     lr: float = 1e-3
     batch_size: int = 4  # windows per optimiser step
@@ -43,6 +44,8 @@ class E2EConfig:
             raise ValueError(f"e2e epochs must be >= 0; got {self.epochs}")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("e2e batch sizes must be >= 1")
+        if self.windows is not None and self.windows < 1:
+            raise ValueError(f"e2e windows must be >= 1; got {self.windows}")
         if not self.lr > 0:
             raise ValueError(f"e2e lr must be > 0; got {self.lr}")
         if self.loss not in E2E_LOSSES:
@@ -177,12 +180,14 @@ def cpu_preset(**changes) -> QuantizeConfig:
 
     64 steps per V/O and MLP stage: on SmolLM2 at 2 bit, 32 steps left GSQ behind GPTQ end to end
     (ppl 930 vs 554) while 64 steps beat it (510), see benchmarks/RESULTS.md. The end-to-end
-    scale stage makes one pass over the 64 training windows, 16 steps of 4 windows.
+    scale stage makes one pass over 32 of the training windows, 16 steps of 2 windows (about 5
+    minutes on 2 cores: a full forward and backward of the model per step).
     """
     train = TrainConfig(epochs=8, batch_size=8, micro_batch_size=4)
     base = QuantizeConfig(nsamples=64, val_samples=8, gptq_samples=32, seqlen=256, train=train,
                           qk_steps=200)
-    return _preset(base, E2EConfig(epochs=1, batch_size=4, micro_batch_size=4), changes)
+    return _preset(base, E2EConfig(epochs=1, windows=32, batch_size=2, micro_batch_size=2),
+                   changes)
 
 
 def gpu_preset(**changes) -> QuantizeConfig:

@@ -73,6 +73,9 @@ def test_teacher_is_the_full_precision_model(tiny_llama, random_windows):
         expected = fp.model(input_ids=windows["val"]).last_hidden_state
     torch.testing.assert_close(teacher.val, expected, rtol=1e-5, atol=1e-5)
     assert teacher.train.shape == (8, SEQLEN, 64)
+    fewer = _cfg(e2e=E2EConfig(epochs=1, windows=3))  # the first 3 train windows only
+    few = capture_teacher(fp, adapter_for("llama"), windows, fewer, CPU)
+    torch.testing.assert_close(few.train, teacher.train[:3], rtol=1e-5, atol=1e-5)
 
 
 def test_training_lowers_held_out_kl_and_model_is_scale_times_codes(tiny_llama, random_windows):

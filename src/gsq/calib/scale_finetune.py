@@ -85,8 +85,8 @@ def capture_teacher(model: nn.Module, adapter: ModelAdapter, windows: dict[str, 
     for module in adapter.embedding_modules(model):
         module.to(device)
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
-    hidden = {s: capture_block_inputs(model, adapter, windows[s], device, micro).cpu()
-              for s in ("train", "val")}
+    hidden = {s: capture_block_inputs(model, adapter, ids, device, micro).cpu()
+              for s, ids in stage_windows(windows, cfg).items()}
     for block in adapter.blocks(model):
         with _on_device(block, device):
             for s, h in hidden.items():
@@ -95,6 +95,11 @@ def capture_teacher(model: nn.Module, adapter: ModelAdapter, windows: dict[str, 
     with _on_device(adapter.final_norm(model), device) as norm:
         hidden = {s: map_batches(norm, h, micro, device) for s, h in hidden.items()}
     return Teacher(hidden["train"], hidden["val"], time.perf_counter() - t0)
+
+
+def stage_windows(windows: dict[str, Tensor], cfg: QuantizeConfig) -> dict[str, Tensor]:
+    """The stage's train windows (the first `cfg.e2e.windows` of the train split) and val."""
+    return {"train": windows["train"][: cfg.e2e.windows], "val": windows["val"]}
 
 
 @contextlib.contextmanager
@@ -291,8 +296,8 @@ def scale_finetune(model: nn.Module, adapter: ModelAdapter, records: dict[str, Q
     e2e = cfg.e2e
     model.to(device)
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
-    inputs = {s: capture_block_inputs(model, adapter, windows[s], device,
-                                      e2e.micro_batch_size).cpu() for s in ("train", "val")}
+    inputs = {s: capture_block_inputs(model, adapter, ids, device, e2e.micro_batch_size).cpu()
+              for s, ids in stage_windows(windows, cfg).items()}
     trainable = _parametrize(model, adapter, records, e2e.norms, device)
     try:
         run = _train(model, adapter, trainable, inputs, teacher, ctx, cfg, device, progress)
@@ -354,6 +359,6 @@ def _train(model, adapter, trainable: _Trainable, inputs: dict[str, Tensor], tea
             best, best_val, best_epoch = trainable.snapshot(), val, epoch
     bar.close()
     trainable.restore(best)
-    return {"epochs": e2e.epochs, "steps": step, "lr": e2e.lr, "batch_size": batch,
+    return {"epochs": e2e.epochs, "windows": n, "steps": step, "lr": e2e.lr, "batch_size": batch,
             "norms": e2e.norms, "val_kl_before": before, "val_kl_after": best_val,
             "best_epoch": best_epoch, "history": history}
