@@ -179,3 +179,30 @@ def test_gguf_target_scales_stay_on_the_lattice(tiny_llama, random_windows):
         assert torch.equal(lattice.project(qw.scale), qw.scale), name
         assert torch.equal(qw.codes, records[name].codes)
     assert any(not torch.equal(out[n].scale, records[n].scale) for n in out if n != lost)
+
+
+def test_streamed_quantize_runs_the_stage_on_its_output(tiny_llama_dir, tmp_path):
+    """`gsq.quantize` (streamed) then the stage on the finished directory: same codes as without
+    the stage, trained scales saved, the saved model's held-out KL the one the report gives."""
+    from gsq.api import calibration_tokens, calibration_windows, load_any_model, quantize
+    from gsq.data.calibration import load_calibration_text
+    from gsq.io.quantized_dir import load_quantized
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(load_calibration_text("book")[:30_000], encoding="utf-8")
+    cfg = _cfg()
+    plain = quantize(str(tiny_llama_dir), cfg.replace(e2e=E2EConfig()), str(calib),
+                     tmp_path / "plain", progress=False)
+    tuned = quantize(str(tiny_llama_dir), cfg, str(calib), tmp_path / "e2e", progress=False)
+    assert "e2e" not in plain.report
+    report = tuned.report["e2e"]
+    assert report["best_epoch"] > 0 and report["val_kl_after"] < report["val_kl_before"]
+    model, tokenizer, records = load_quantized(tmp_path / "e2e")
+    assert records.keys() == plain.records.keys()
+    for name, qw in records.items():
+        assert torch.equal(qw.codes, plain.records[name].codes)
+        assert not torch.equal(qw.scale, plain.records[name].scale)
+    fp, _ = load_any_model(str(tiny_llama_dir))
+    val = calibration_windows(calibration_tokens(tokenizer, str(calib)), cfg)["val"]
+    assert _held_out_kl(model, fp, val) == pytest.approx(report["val_kl_after"], rel=1e-4)
+    assert _held_out_kl(plain.model, fp, val) == pytest.approx(report["val_kl_before"], rel=1e-4)
