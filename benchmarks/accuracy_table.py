@@ -14,9 +14,14 @@ GPU preset, one piece per call (each well under 10 minutes on an H100/H200):
 
     for b in 4 3 2; do for m in rtn gptq gsq; do for s in 0 1; do
       python benchmarks/accuracy_table.py --preset gpu --device cuda --bits $b --methods $m \\
-          --seeds $s --json benchmarks/results/accuracy-gpu.json
+          --seeds $s --model /root/smollm2.gguf --data /root/data \\
+          --json benchmarks/results/accuracy-gpu.json
     done; done; done
     python benchmarks/accuracy_table.py --summary --json benchmarks/results/accuracy-gpu.json
+
+How each calibration source changes the result: the same with `--calib book` (or `code`,
+`fiction:1,code:1`, ...) and one --json per calibration (rows are keyed by method, bits, seed and
+e2e only).
 """
 
 from __future__ import annotations
@@ -46,12 +51,15 @@ from gsq.quant.types import parse_bits
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parents[1] / "shared" / "data"
-DOMAINS = {  # evaluation texts: none of them is in the default calibration mix
-    "wt2": SHARED / "wikitext2-test.raw",
-    "book": SHARED / "calib" / "pg2701.txt",  # Moby-Dick
-    "code": ROOT / "data" / "eval-code.txt.gz",
-    "tech": ROOT / "data" / "eval-technical.txt.gz",
-}
+DOMAINS = ("wt2", "book", "code", "tech")
+
+
+def domain_paths(data: Path) -> dict[str, Path]:
+    """Evaluation texts (`data`: shared/data): none of them is in the default calibration mix."""
+    return {"wt2": data / "wikitext2-test.raw",
+            "book": data / "calib" / "pg2701.txt",  # Moby-Dick
+            "code": ROOT / "data" / "eval-code.txt.gz",
+            "tech": ROOT / "data" / "eval-technical.txt.gz"}
 
 
 def row_key(method: str, bits, seed: int, e2e: bool) -> str:
@@ -160,7 +168,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--max-blocks", type=int, default=None)
     p.add_argument("--e2e-lr", type=float, default=None)
-    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    p.add_argument("--data", type=Path, default=SHARED,
+                   help="folder with wikitext2-test.raw and calib/pg2701.txt (shared/data)")
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cpu")
@@ -178,7 +188,8 @@ def main() -> None:
     done = {row["key"] for row in data["rows"]}
     base_model, tokenizer = load_any_model(args.model)
     calib = calibration_tokens(tokenizer, args.calib)
-    domains = {d: tokenize_text(tokenizer, read_text(DOMAINS[d])) for d in args.domains}
+    paths = domain_paths(args.data)
+    domains = {d: tokenize_text(tokenizer, read_text(paths[d])) for d in args.domains}
     data["runs"].append(run_meta(device))
     for bits in args.bits:
         for method in args.methods:

@@ -2,8 +2,10 @@
 RMSNorm weights) of the whole quantized model are trained, codes frozen, on
 KL(full precision || quantized) of the next-token distribution over the training windows.
 
-Teacher. The full-precision model runs once, before the block loop (`capture_teacher`), block by
-block over the train and val windows. It keeps the final hidden state after the final norm,
+Teacher. The full-precision model runs once (`capture_teacher`), block by block over the train
+and val windows: before the block loop for a model quantized in memory (`gsq.api.quantize_model`),
+or loaded from the source after a streamed run (`gsq.api.finetune_output`). It keeps the final
+hidden state after the final norm,
 `(N, T, hidden)` on the host, and the teacher's logits are recomputed per micro-batch with the LM
 head (which the stage never trains). The KL is then exact over the whole vocabulary at the memory
 of one hidden state per token: full logits would take vocab x tokens (49152 x 16,384 fp32 = 3.2 GB
@@ -20,8 +22,9 @@ whatever its size. Norm weights (`norms=True`) become `w0 * m` the same way (kep
 Forward. A per-block loop: embeddings -> blocks through the adapter -> final norm -> KL on token
 chunks (`_KL_CHUNK`, checkpointed when there are several). That is the shape of a block-streamed
 run: with the block inputs kept at block boundaries, the backward can be replayed block by block
-(each block's forward recomputed) with one block's weights resident at a time. This version keeps
-the whole model on the device and lets autograd hold the activations.
+(each block's forward recomputed) with one block's weights resident at a time, and the teacher
+already runs one block at a time. This version keeps the whole quantized model on the device and
+lets autograd hold the activations, so it needs the model in memory.
 
 Acceptance. The held-out KL on the val windows is measured for the input scales and after every
 epoch; the best of {input, epoch 1..E} is kept, so the stage never returns a model with a higher
