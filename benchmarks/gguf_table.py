@@ -154,7 +154,7 @@ def is_block_linear(name: str, shape: tuple[int, ...]) -> bool:
 
 def file_info(path: Path) -> dict:
     """Size, tensor types and bpw of the block linears of a GGUF file."""
-    from gsq.export.gguf_file import read_gguf
+    from gsq.gguf import read_gguf
 
     _, tensors = read_gguf(path)
     linears = [t for t in tensors if is_block_linear(t.name, t.shape)]
@@ -175,7 +175,7 @@ def file_md5(path: Path) -> str:
 
 
 def tensor_layout(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
-    from gsq.export.gguf_file import read_gguf
+    from gsq.gguf import read_gguf
 
     return [(t.name, t.type_name, t.shape) for t in read_gguf(path)[1]]
 
@@ -185,7 +185,7 @@ def same_size_and_types(a: Path, b: Path) -> bool:
 
 
 def check_replaced(src: Path, out: Path, name: str) -> None:
-    from gsq.export.gguf_file import read_gguf
+    from gsq.gguf import read_gguf
 
     before, after = read_gguf(src)[1], read_gguf(out)[1]
     if [t.name for t in before] != [t.name for t in after]:

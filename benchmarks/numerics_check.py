@@ -24,7 +24,8 @@ import torch
 
 from gsq.eval import llamacpp_numerics as numerics
 from gsq.eval.llamacpp import LlamaCppModel, quantize_with_llamacpp
-from gsq.export.gguf_file import read_gguf, write_base_gguf
+from gsq.export.gguf_file import write_base_gguf
+from gsq.gguf import read_gguf
 from gsq.models.loading import load_base_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -65,7 +66,7 @@ def logits_three_ways(path: Path, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     attention, and exact with fp16 attention only."""
     types = {t.name: t.type_name for t in read_gguf(path)[1]}
     model, _ = load_base_model(path)
-    roundings = numerics.linear_roundings(model, types, model.config.num_hidden_layers)
+    roundings = numerics.linear_roundings(model, types)
     out = {"llama.cpp": LlamaCppModel(path, n_ctx=max(256, ids.shape[1]))(ids).logits[0]}
     with torch.inference_mode():
         out["exact"] = model(input_ids=ids).logits[0]

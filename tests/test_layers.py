@@ -46,7 +46,9 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
-                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+                # `from pkg import mod` depends on mod; `from mod import obj` on mod
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
             else:
                 continue
             deps |= {m for t in targets if t.split(".")[0] == "gsq"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gsq.cli.__main__ import main
-from gsq.export.gguf_file import read_gguf
+from gsq.gguf import read_gguf
 
 _WORD_LIST = ("the of and to in is was that for on with as by at from it his her an be had not "
               "are which this were have or one all their they but said been would there who more "

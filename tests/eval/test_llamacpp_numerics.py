@@ -149,7 +149,7 @@ def tiny_files(tmp_path_factory, llama_cpp, tiny_llama, build_byte_bpe_tokenizer
 
 
 def _tensor_types(path) -> dict[str, str]:
-    from gsq.export.gguf_file import read_gguf
+    from gsq.gguf import read_gguf
 
     return {t.name: t.type_name for t in read_gguf(path)[1]}
 
@@ -163,7 +163,7 @@ def test_emulated_logits_are_close_to_llamacpp(tiny_files, ftype):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, tiny_files["vocab"], (1, 128), generator=gen)
     model, _ = load_base_model(path)
-    roundings = linear_roundings(model, _tensor_types(path), model.config.num_hidden_layers)
+    roundings = linear_roundings(model, _tensor_types(path))
     theirs = LlamaCppModel(path, n_ctx=256, n_threads=1)(ids).logits[0].double()
     with torch.inference_mode():
         exact = model(input_ids=ids).logits[0].double()
@@ -183,14 +183,14 @@ def test_roundings_follow_each_tensor_type(tiny_files):
     path = tiny_files["Q2_K"]
     types = _tensor_types(path)
     model, _ = load_base_model(path)
-    roundings = linear_roundings(model, types, 2)
+    roundings = linear_roundings(model, types)
     assert types["blk.0.attn_q.weight"] in ("Q2_K", "Q3_K") and \
         roundings["model.layers.0.self_attn.q_proj"] == "q8_K"
     lm_head_type = types.get("output.weight", types["token_embd.weight"])
     assert roundings["lm_head"] == numerics.ACTIVATION_ROUNDING[lm_head_type]
     del types["blk.1.ffn_up.weight"]
     with pytest.raises(GSQError, match="blk.1.ffn_up.weight"):
-        linear_roundings(model, types, 2)
+        linear_roundings(model, types)
     types["blk.1.ffn_up.weight"] = "IQ2_XXS"
     with pytest.raises(GSQError, match="IQ2_XXS"):
-        linear_roundings(model, types, 2)
+        linear_roundings(model, types)

@@ -1,4 +1,5 @@
-"""GGUF block encoding (src/gsq/export/gguf_blocks.py) against the `gguf` package's decoders.
+"""GGUF block encoding (the fitter src/gsq/export/gguf_blocks.py, the codec src/gsq/gguf/) against
+the `gguf` package's decoders.
 
 Exactness is checked with `np.array_equal` on float32 values: decoded bytes must equal s*codes
 (the sign of a zero is not compared). Q2_0 is not in gguf 0.19.0; it is checked against a scalar
@@ -7,6 +8,7 @@ decoder written here from formats.md B.4.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import gguf
@@ -17,16 +19,15 @@ import torch
 from gsq.errors import GSQError
 from gsq.export import gguf_blocks
 from gsq.export.gguf_blocks import (
-    BLOCK_TYPES,
-    decode_assignment,
-    decode_weight,
     default_type,
-    encode_assignment,
     encode_weight,
     exact_problem,
     snap_scales,
 )
 from gsq.export.gguf_lattice import max_fp16_step
+from gsq.gguf import TYPES as BLOCK_TYPES
+from gsq.gguf import decode_assignment, decode_weight, encode_assignment
+from gsq.gguf.layouts import BlockFields
 from gsq.quant.types import TERNARY, QuantizedWeight, QuantSpec
 
 T = gguf.GGMLQuantizationType
@@ -132,9 +133,15 @@ def test_layout_table_matches_gguf():
     for name, bt in BLOCK_TYPES.items():
         if name == "Q2_0":
             assert (bt.type_id, bt.block_size, bt.type_size) == (42, 64, 18)
-            continue
-        assert bt.type_id == int(T[name])
-        assert (bt.block_size, bt.type_size) == gguf.GGML_QUANT_SIZES[T[name]]
+            assert name not in T.__members__  # else the table should take gguf's facts
+        else:
+            assert bt.type_id == int(T[name])
+            assert (bt.block_size, bt.type_size) == gguf.GGML_QUANT_SIZES[T[name]]
+        if bt.family != "float":  # the registered layout has the type's size
+            blocks = np.zeros((3, bt.type_size), np.uint8)
+            fields = bt.unpack(blocks)
+            assert fields.q.shape == (3, bt.block_size)
+            assert bt.pack(fields).shape == (3, bt.type_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,12 +619,13 @@ def test_negative_control_corrupted_layouts_are_caught(monkeypatch):
     data[0, 4] ^= 1
     assert not np.array_equal(decode_weight("Q4_K", data, 512), qk.dequantize().numpy())
     # encode_weight decodes what it packed: a broken packer (d and dmin swapped) is refused
-    good = gguf_blocks._PACK["Q4_K"]
+    good = BLOCK_TYPES["Q4_K"].pack
 
     def swapped(f):
-        return good(gguf_blocks._Fields(f.q, f.dmin, f.d, f.sc, f.m))
+        return good(BlockFields(f.q, f.dmin, f.d, f.sc, f.m))
 
-    monkeypatch.setitem(gguf_blocks._PACK, "Q4_K", swapped)
+    monkeypatch.setitem(BLOCK_TYPES, "Q4_K", dataclasses.replace(BLOCK_TYPES["Q4_K"],
+                                                                 pack=swapped))
     qk2 = qweight(2, 32, lattice_scales("Q4_K", 2, 32, 2, 512, rng), rng)
     with pytest.raises(GSQError, match="internal error"):
         encode_weight("Q4_K", qk2)

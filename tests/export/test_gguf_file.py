@@ -20,15 +20,18 @@ import pytest
 import torch
 
 from gsq.errors import GSQError
-from gsq.export import gguf_file
-from gsq.export.gguf_blocks import block_type, decode_weight, default_type
-from gsq.export.gguf_file import (
-    export_gguf,
-    gguf_tensor_name,
-    llama_hparams,
+from gsq.export import gguf_file, gguf_tokenizer
+from gsq.export.gguf_blocks import default_type
+from gsq.export.gguf_file import export_gguf, write_base_gguf
+from gsq.gguf import (
+    decode_weight,
+    field_value,
+    gguf_type,
+    model_hparams,
     permute_rows,
+    qk_heads,
     read_gguf,
-    write_base_gguf,
+    tensor_name,
 )
 from gsq.io.quantized_dir import apply_records, save_quantized
 from gsq.quant.rtn import rtn_quantize
@@ -60,7 +63,7 @@ def build_bpe_tokenizer(pre: str = "gpt-2"):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     steps = {"gpt-2": [byte_level],
              "smollm": [pre_tokenizers.Digits(individual_digits=True), byte_level],
-             "llama-bpe": [pre_tokenizers.Split(Regex(gguf_file._LLAMA3_REGEX), "isolated"),
+             "llama-bpe": [pre_tokenizers.Split(Regex(gguf_tokenizer._LLAMA3_REGEX), "isolated"),
                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]}
     backend.pre_tokenizer = pre_tokenizers.Sequence(steps[pre]) if pre != "gpt-2" else byte_level
     backend.decoder = decoders.ByteLevel()
@@ -119,7 +122,7 @@ def agreement(llama_cpp, qdir, exported):
 def expected_weight(name: str, qw, hp) -> np.ndarray:
     """s·c in the row order llama.cpp expects."""
     weight = qw.dequantize()
-    heads = gguf_file.qk_heads(gguf_tensor_name(f"{name}.weight", hp.n_layer), hp)
+    heads = qk_heads(tensor_name(f"{name}.weight", hp), hp)
     return (permute_rows(weight, heads) if heads else weight).numpy()
 
 
@@ -143,7 +146,7 @@ def test_report_types_size_and_bpw(qdir, exported):
         want[default_type(qw)] = want.get(default_type(qw), 0) + 1
     assert report["quantized_types"] == want
     assert report["tensor_types"]["F32"] == 5 and report["tensor_types"]["F16"] == 2
-    bits = sum(block_type(default_type(qw)).bpw * qw.codes.numel() for qw in records.values())
+    bits = sum(gguf_type(default_type(qw)).bpw * qw.codes.numel() for qw in records.values())
     numel = sum(qw.codes.numel() for qw in records.values())
     assert report["quantized_bpw"] == pytest.approx(bits / numel)
     assert report["tokenizer"] == "converted from the HF tokenizer" and report["inexact"] == {}
@@ -151,10 +154,10 @@ def test_report_types_size_and_bpw(qdir, exported):
 
 def test_every_quantized_tensor_reads_back_bit_exactly(qdir, exported):
     _, model, records, _ = qdir
-    hp = llama_hparams(model.config)
+    hp = model_hparams(model.config)
     tensors = tensors_by_name(exported[0])
     for name, qw in records.items():
-        t = tensors[gguf_tensor_name(f"{name}.weight", hp.n_layer)]
+        t = tensors[tensor_name(f"{name}.weight", hp)]
         assert t.type_name == default_type(qw) and t.shape == qw.shape, name
         decoded = decode_weight(t.type_name, t.data, qw.shape[1])
         assert np.array_equal(decoded, expected_weight(name, qw, hp)), name
@@ -191,7 +194,7 @@ def test_float_tensors_and_metadata(qdir, exported):
             "llama.rope.dimension_count": cfg.hidden_size // cfg.num_attention_heads,
             "llama.vocab_size": cfg.vocab_size, "tokenizer.ggml.model": "gpt2",
             "tokenizer.ggml.pre": "gpt-2"}
-    assert {key: gguf_file.field_value(fields[key]) for key in want} == want
+    assert {key: field_value(fields[key]) for key in want} == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,9 +236,7 @@ def test_negative_control_without_the_qk_permutation(llama_cpp, qdir, agreement,
 def test_negative_control_with_swapped_nibbles(llama_cpp, qdir, agreement, tmp_path, monkeypatch):
     """Q4_0 bytes with their two nibbles swapped: read-back and llama.cpp both notice."""
     from gsq.eval.llamacpp import llamacpp_compare
-    from gsq.export import gguf_blocks
-
-    real = gguf_blocks.encode_weight
+    real = gguf_file.encode_weight
 
     def swapped(qtype, qw, **kw):
         data = real(qtype, qw, **kw)
@@ -245,14 +246,14 @@ def test_negative_control_with_swapped_nibbles(llama_cpp, qdir, agreement, tmp_p
             data = blocks.reshape(data.shape)
         return data
 
-    monkeypatch.setattr(gguf_blocks, "encode_weight", swapped)
+    monkeypatch.setattr(gguf_file, "encode_weight", swapped)
     path = tmp_path / "swapped.gguf"
     report = export_gguf(qdir[0], path)
     assert report["quantized_types"].get("Q4_0")
     _, model, records, tokenizer = qdir
-    hp = llama_hparams(model.config)
+    hp = model_hparams(model.config)
     name = "model.layers.0.self_attn.q_proj"
-    t = tensors_by_name(path)[gguf_tensor_name(f"{name}.weight", hp.n_layer)]
+    t = tensors_by_name(path)[tensor_name(f"{name}.weight", hp)]
     assert t.type_name == "Q4_0"
     assert not np.array_equal(decode_weight("Q4_0", t.data, t.shape[1]),
                               expected_weight(name, records[name], hp))
@@ -305,7 +306,7 @@ _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True
 ])
 def test_tokenizers_llamacpp_would_split_differently_are_refused(spec, needle):
     with pytest.raises(GSQError, match=needle):
-        gguf_file.bpe_pre_name(spec)
+        gguf_tokenizer.bpe_pre_name(spec)
 
 
 @pytest.mark.slow
@@ -324,7 +325,7 @@ def test_tokenizer_is_copied_from_the_source_gguf(llama_cpp, tiny_llama, tmp_pat
     fields, _ = read_gguf(tmp_path / "q.gguf")
     for key, field in source_fields.items():
         if key.startswith("tokenizer."):
-            assert gguf_file.field_value(fields[key]) == gguf_file.field_value(field), key
+            assert field_value(fields[key]) == field_value(field), key
     ours = LlamaCppModel(tmp_path / "q.gguf", n_ctx=64)
     theirs = LlamaCppModel(source, n_ctx=64)
     assert ours.tokenize(PROBE) == theirs.tokenize(PROBE)

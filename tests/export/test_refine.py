@@ -20,15 +20,16 @@ import torch
 
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
-from gsq.export.gguf_file import (
+from gsq.export.gguf_refine import refine_gguf, report_path
+from gsq.gguf import (
     decode_tensor,
-    gguf_tensor_name,
-    llama_hparams,
+    model_hparams,
     qk_heads,
     read_gguf,
     rotary_rows,
+    tensor_name,
+    tensor_offsets,
 )
-from gsq.export.gguf_refine import refine_gguf, report_path, tensor_offsets
 from gsq.quant.trainer import TrainConfig
 
 SEQLEN = 64
@@ -109,9 +110,9 @@ def assert_model_is_the_file(result) -> None:
     """Every tensor of the written file, decoded (q/k rows back in HF order), equals the
     refined model's parameter bit for bit."""
     model = result.model
-    hp = llama_hparams(model.config)
+    hp = model_hparams(model.config)
     state = model.state_dict()
-    names = {gguf_tensor_name(k, hp.n_layer): k for k in state
+    names = {tensor_name(k, hp): k for k in state
              if not (hp.tied and k == "lm_head.weight")}
     _, tensors = read_gguf(result.out)
     for t in tensors:

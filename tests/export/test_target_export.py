@@ -24,8 +24,7 @@ import pytest
 import torch
 
 from gsq.cli.__main__ import main
-from gsq.export.gguf_blocks import decode_weight
-from gsq.export.gguf_file import gguf_tensor_name, llama_hparams, permute_rows, qk_heads, read_gguf
+from gsq.gguf import decode_weight, model_hparams, permute_rows, qk_heads, read_gguf, tensor_name
 from gsq.io.quantized_dir import META_FILE, load_quantized
 
 TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q4_0", "Q2_0", "TQ2_0")
@@ -79,7 +78,7 @@ def run(request, files) -> dict:
 
 def _expected(name: str, qw, hp) -> np.ndarray:
     """s·c in the row order llama.cpp expects (q/k rows permuted)."""
-    gguf_name = gguf_tensor_name(f"{name}.weight", hp.n_layer)
+    gguf_name = tensor_name(f"{name}.weight", hp)
     heads = qk_heads(gguf_name, hp)
     weight = qw.dequantize()
     return (permute_rows(weight, heads) if heads else weight).numpy()
@@ -114,11 +113,11 @@ def test_gguf_decodes_to_the_evaluated_model_weight_for_weight(run):
     """Default export types = the recorded targets; every tensor bit-exact, and the scales were
     kept losslessly (fp32 storage: lattice values are not all bf16 values)."""
     model, records = run["model"], run["records"]
-    hp = llama_hparams(model.config)
+    hp = model_hparams(model.config)
     tensors = {t.name: t for t in read_gguf(run["gguf"])[1]}
     not_bf16 = 0
     for name, qw in records.items():
-        t = tensors[gguf_tensor_name(f"{name}.weight", hp.n_layer)]
+        t = tensors[tensor_name(f"{name}.weight", hp)]
         assert t.type_name == qw.spec.target, name
         assert torch.equal(model.get_submodule(name).weight, qw.dequantize()), name
         assert np.array_equal(decode_weight(t.type_name, t.data, qw.shape[1]),
@@ -157,10 +156,10 @@ def test_negative_control_bf16_scales_rounded_onto_q2k_at_export(llama_cpp, file
     assert _cli(["-q", "export", str(root / "q-bf16"), "--format", "gguf", "--out", str(gguf),
                  "--lossy", *k_layers])[0] == 0
     model, tokenizer, records = load_quantized(root / "q-bf16")
-    hp = llama_hparams(model.config)
+    hp = model_hparams(model.config)
     tensors = {t.name: t for t in read_gguf(gguf)[1]}
     name = "model.layers.0.mlp.up_proj"
-    t = tensors[gguf_tensor_name(f"{name}.weight", hp.n_layer)]
+    t = tensors[tensor_name(f"{name}.weight", hp)]
     assert t.type_name == "Q2_K"
     want = _expected(name, records[name], hp)
     diff = decode_weight("Q2_K", t.data, 256) - want

@@ -371,8 +371,8 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
     assert not kernels.use_fused(q.logits.double())
     ref = CategoricalSample.apply(q.logits, q.scale, q.values, None, KAPPA, TAU, SEED, 32, BF16,
                                   torch.float32)
-    got = kernels.categorical_sample(q.logits, q.scale, q.values, None, KAPPA, TAU, SEED, 32,
-                                     BF16, torch.float32)
+    got = sampler_mod.categorical_sample(q.logits, q.scale, q.values, None, KAPPA, TAU, SEED, 32,
+                                         BF16, torch.float32)
     assert torch.equal(ref, got)
     assert not kernels.lion_uses_triton([q.logits, q.scale])  # CPU tensors: torch Lion
     monkeypatch.setenv("GSQ_FUSED", "0")

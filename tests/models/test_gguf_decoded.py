@@ -21,7 +21,8 @@ import torch
 
 from gsq.api import load_any_model
 from gsq.errors import GSQError
-from gsq.export.gguf_file import export_gguf, field_value, read_gguf
+from gsq.export.gguf_file import export_gguf
+from gsq.gguf import field_value, read_gguf
 from gsq.io.quantized_dir import apply_records, save_quantized
 from gsq.models.loading import load_base_model
 from gsq.quant.rtn import rtn_quantize
@@ -69,7 +70,7 @@ def _rewrite(src: Path, dst: Path, arch: str | None = None, drop: str | None = N
     """A copy of a GGUF file with another general.architecture and/or one tensor left out."""
     from gguf import GGUFValueType, GGUFWriter
 
-    from gsq.export.gguf_file import type_id
+    from gsq.gguf import type_id
 
     fields, tensors = read_gguf(src)
     writer = GGUFWriter(dst, arch or field_value(fields["general.architecture"]))

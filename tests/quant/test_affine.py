@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gsq.export.gguf_blocks import decode_assignment
+from gsq.gguf import decode_assignment
 from gsq.quant.affine import AffineShiftQuantizer, AffineWeight, candidates
 from gsq.quant.grids import expand_scale
 from gsq.quant.quantizers import InitConfig

@@ -13,7 +13,8 @@ import torch
 
 from gsq.config import QuantizeConfig, cpu_preset
 from gsq.errors import GSQError
-from gsq.export.gguf_blocks import BLOCK_TYPES, exact_problem, snap_scales
+from gsq.export.gguf_blocks import exact_problem, snap_scales
+from gsq.gguf import TYPES as BLOCK_TYPES
 from gsq.quant.gptq import gptq_quantize, layer_output_error
 from gsq.quant.grids import group_view, round_to_grid
 from gsq.quant.lattice import (
@@ -75,6 +76,26 @@ def test_target_table_agrees_with_the_block_types(name):
     if tt.is_k:
         assert tt.k_range == bt.k_range and tt.offsets == bt.offsets
         assert tt.code_max == (bt.code_range[1] if tt.family == "affine_k" else 0)
+
+
+def test_target_table_is_the_one_the_quantizers_were_built_on():
+    """TARGETS is derived from the GGUF type table; this is the table as it was written by hand
+    before (a change of a type's facts must show here)."""
+    from gsq.quant.target import FALLBACK_RULE, TargetType
+
+    T3 = "ternary"
+    assert TARGETS == {t.name: t for t in (
+        TargetType("Q4_0", 4, 4, 32, 32, "fp16", 4.5),
+        TargetType("Q2_0", 2, 2, 64, 64, "fp16", 2.25),
+        TargetType("TQ1_0", T3, T3, 256, 256, "fp16", 1.6875),
+        TargetType("TQ2_0", T3, 2, 256, 256, "fp16", 2.0625),
+        TargetType("Q2_K", 2, 2, 16, 256, "affine_k", 2.625, (0, 15), 3, (2, 1)),
+        TargetType("Q3_K", 3, 3, 16, 256, "signed_k", 3.4375, (-32, 31)),
+        TargetType("Q4_K", 4, 4, 32, 256, "affine_k", 4.5, (0, 63), 15, (8, 4, 2, 1)),
+    )}
+    assert list(TARGETS) == ["Q4_0", "Q2_0", "TQ1_0", "TQ2_0", "Q2_K", "Q3_K", "Q4_K"]
+    assert FALLBACK_RULE == {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q4_0", "TQ1_0": "Q4_0",
+                             "TQ2_0": "Q4_0", "Q2_0": "Q4_0"}
 
 
 @pytest.mark.parametrize("text, name", [("gguf:Q2_K", "Q2_K"), ("gguf:q4_0", "Q4_0"),

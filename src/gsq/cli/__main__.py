@@ -319,7 +319,7 @@ def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
 
 def _gguf_tensor_types(model_source: str) -> dict:
     """GGUF tensor name -> type of the .gguf file `--numerics llama.cpp` emulates."""
-    from gsq.export.gguf_file import read_gguf
+    from gsq.gguf import read_gguf
 
     if not model_source.lower().endswith(".gguf"):
         raise GSQError(f"--numerics llama.cpp needs a .gguf model (its tensor types decide how "
@@ -334,7 +334,7 @@ def _numerics(model, tensor_types: dict | None):
         return contextlib.nullcontext()
     from gsq.eval.llamacpp_numerics import linear_roundings, llamacpp_numerics
 
-    roundings = linear_roundings(model, tensor_types, model.config.num_hidden_layers)
+    roundings = linear_roundings(model, tensor_types)
     return llamacpp_numerics(model, roundings)
 
 

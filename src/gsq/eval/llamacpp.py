@@ -61,7 +61,7 @@ class LlamaCppModel:
 
     def __init__(self, path: str | Path, n_ctx: int, n_threads: int | None = None,
                  n_batch: int = 512) -> None:
-        from gsq.export.gguf_file import read_gguf
+        from gsq.gguf import read_gguf
 
         llama_cpp = import_llama_cpp()
         self.path = Path(path)
@@ -125,7 +125,7 @@ def gguf_hf_tokenizer(path: str | Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from gsq.export.gguf_file import metadata_only_gguf, read_gguf
+    from gsq.gguf import metadata_only_gguf, read_gguf
 
     fields, _ = read_gguf(path)
     if "general.architecture" not in fields or "tokenizer.ggml.tokens" not in fields:
@@ -230,7 +230,8 @@ def quantize_with_llamacpp(src_gguf: str | Path, dst_gguf: str | Path, ftype_nam
     number of K-quant blocks (formats.md C.2), so the report lists the types actually produced:
     {"out", "ftype", "file_bytes", "tensor_types", "seconds"}.
     """
-    from gsq.export.gguf_file import atomic_output_file, read_gguf
+    from gsq.gguf import read_gguf
+    from gsq.io.quantized_dir import atomic_output_file
 
     llama_cpp = import_llama_cpp()
     name = ftype_name.strip().upper()

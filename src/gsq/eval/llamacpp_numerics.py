@@ -30,17 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsq.errors import GSQError
+from gsq.gguf import TYPES, model_hparams, tensor_name
 
 ATTENTION_NAME = "gsq_llamacpp"
 
-# GGUF weight type -> how llama.cpp's CPU backend rounds the activations that meet it.
-_Q8_0_PARTNERS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_0")
-_Q8_K_PARTNERS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0")
-ACTIVATION_ROUNDING = {
-    **{t: "q8_0" for t in _Q8_0_PARTNERS},
-    **{t: "q8_K" for t in _Q8_K_PARTNERS},
-    "F16": "f16", "BF16": "bf16", "F32": None,
-}
+# GGUF weight type -> how llama.cpp's CPU backend rounds the activations that meet it (the type
+# table's activation partner).
+ACTIVATION_ROUNDING = {name: t.activation for name, t in TYPES.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,18 +135,16 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
 
 
-def linear_roundings(model: nn.Module, tensor_types: dict[str, str], n_layer: int
-                     ) -> dict[str, str | None]:
+def linear_roundings(model: nn.Module, tensor_types: dict[str, str]) -> dict[str, str | None]:
     """HF linear module name -> activation rounding, from the GGUF tensor types of the file the
     model was read from (`tensor_types`: GGUF tensor name -> type name). lm_head reads the type of
     `output.weight`, or of `token_embd.weight` when the file ties them as llama.cpp does."""
-    from gsq.export.gguf_file import gguf_tensor_name
-
+    hp = model_hparams(model.config)
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        gguf_name = gguf_tensor_name(f"{name}.weight", n_layer)
+        gguf_name = tensor_name(f"{name}.weight", hp)
         if gguf_name == "output.weight" and gguf_name not in tensor_types:
             gguf_name = "token_embd.weight"
         qtype = tensor_types.get(gguf_name)

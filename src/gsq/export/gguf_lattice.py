@@ -1,6 +1,7 @@
 """Scales a GGUF block type can store exactly, and snapping scales onto them (formats.md B.5, B.6).
 
-Pure numpy; knows nothing about byte layouts (those live in `gguf_blocks.py`).
+Pure numpy; knows nothing about byte layouts (those live in `gsq.gguf.layouts`, with the fp16
+facts `fp16_exact` / `fp16_nearest`).
 
 - fp16 block types (Q4_0, Q4_1, Q8_0, Q2_0, TQ1_0, TQ2_0) store one IEEE half `d` per block, so a
   scale is storable iff it is fp16-representable (`fp16_exact`).
@@ -22,24 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FP16_MAX = 65504.0
+from gsq.gguf.layouts import FP16_MAX
+
 FP16_MANT_MAX = 2047  # largest odd fp16 significand (11 bits)
 FP16_MIN_EXP = -24  # exponent of the smallest fp16 subnormal, 2**-24
 MAX_RATIO = 255  # ratios t/D beyond this fit no K-quant sub-block scale (int8 at most)
 _NO_EXP = np.iinfo(np.int64).max // 2  # exponent given to zeros: never the minimum
-
-
-def fp16_exact(x: np.ndarray) -> np.ndarray:
-    """Boolean mask: `x` (float32) is finite and exactly an IEEE half."""
-    x = np.asarray(x, dtype=np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.isfinite(x) & (x.astype(np.float16).astype(np.float32) == x)
-
-
-def fp16_nearest(x: np.ndarray) -> np.ndarray:
-    """Nearest fp16 value (as float32), saturating at +-65504 instead of overflowing."""
-    x = np.clip(np.asarray(x, dtype=np.float32), -FP16_MAX, FP16_MAX)
-    return x.astype(np.float16).astype(np.float32)
 
 
 def fp16_ceil(x: np.ndarray) -> np.ndarray:

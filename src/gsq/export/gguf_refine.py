@@ -4,7 +4,7 @@
 Pipeline (`refine_gguf`):
   1. read the file and each tensor's byte offset; only the `llama` architecture;
   2. load the full-precision base model (HF id or folder, .gguf, 'smollm2-demo'), map every GGUF
-     tensor to its HF parameter (`gguf_tensor_name`) and check names, shapes and head counts;
+     tensor to its HF parameter (`gsq.gguf.tensor_name`) and check names, shapes and head counts;
   3. make the in-memory model the file's model, except the linears of the blocks to refine, which
      stay full precision until their block is done (their block gives the FP targets): embeddings,
      norms, the output matrix and later blocks hold the file's decoded values, so each block's
@@ -48,36 +48,37 @@ import torch
 from torch import Tensor, nn
 
 from gsq.errors import GSQError
-from gsq.export.gguf_blocks import (
-    BLOCK_TYPES,
+from gsq.gguf import (
+    ARCHITECTURES,
+    TYPES,
     Assignment,
+    GGUFTensor,
+    HParams,
+    check_file_hparams,
     decode_assignment,
     decode_weight,
     encode_assignment,
-)
-from gsq.export.gguf_file import (
-    GGUFTensor,
-    LlamaHParams,
-    atomic_output_file,
     field_value,
     hf_values,
-    llama_hparams,
     match_tensors,
+    model_hparams,
     qk_heads,
     read_gguf,
     rotary_rows,
+    tensor_offsets,
 )
+from gsq.io.quantized_dir import atomic_output_file
 from gsq.quant.affine import FULL_RELAXATION_MAX_CODES, AffineWeight
 
 log = logging.getLogger(__name__)
 
 # Block types with integer codes gsq can refine; every other tensor passes through untouched.
-REFINABLE_TYPES = tuple(name for name, bt in BLOCK_TYPES.items() if bt.family != "float")
+REFINABLE_TYPES = tuple(name for name, t in TYPES.items() if t.refinable)
 TRAINABLE_SCALE_TYPES = ("Q2_K",)  # --scales train: the paper trains Q2_K's sub-block scales only
 SCALE_MODES = ("frozen", "train")
 PAPER_SCALE_LR = 2e-5  # Qwen GGUF Q2_K (paper Table 9)
 REPORT_SUFFIX = ".refine.json"
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 @dataclass
@@ -135,22 +136,6 @@ class _Plan:
 # Reading the file
 
 
-def tensor_offsets(path: str | Path) -> dict[str, int]:
-    """Absolute byte offset of every tensor's data in a GGUF file (as `read_gguf` reads it)."""
-    from gguf import GGUFReader
-
-    class _Offsets(GGUFReader):
-        def _build_tensors(self, start_offs: int, fields: list) -> None:
-            self.tensors = []
-            self.offsets = {bytes(f.parts[1]).decode("utf-8"): int(start_offs + f.parts[5][0])
-                            for f in fields}
-
-    try:
-        return _Offsets(path).offsets
-    except (ValueError, IndexError, KeyError, OSError) as err:  # read_gguf has checked the file
-        raise GSQError(f"cannot read the tensor offsets of '{path}': {err}") from err
-
-
 def file_architecture(fields: dict[str, Any], path: str | Path) -> str:
     """`general.architecture` of the file; GSQError unless gsq refine supports it."""
     if "general.architecture" not in fields:
@@ -169,21 +154,6 @@ def permute_assignment(a: Assignment, n_heads: int | None, to_hf: bool) -> Assig
     fields = ("codes", "d", "dmin", "sub_scale", "sub_min")
     return dataclasses.replace(a, **{k: rotary_rows(getattr(a, k), n_heads, to_hf)
                                      for k in fields})
-
-
-# --------------------------------------------------------------------------------------------
-# Matching the file with the base model
-
-
-def _check_hparams(fields: dict[str, Any], hp: LlamaHParams, path: str | Path) -> None:
-    """Block and head counts of the file against the base model (the q/k permutation needs the
-    heads; shapes alone would not notice)."""
-    keys = {"llama.block_count": hp.n_layer, "llama.attention.head_count": hp.n_head,
-            "llama.attention.head_count_kv": hp.n_kv_head, "llama.embedding_length": hp.d_model}
-    for key, want in keys.items():
-        if key in fields and int(field_value(fields[key])) != want:
-            raise GSQError(f"the base model does not match '{path}': {key} is "
-                           f"{int(field_value(fields[key]))} in the file but {want} in the base")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +194,7 @@ def _block_linears(adapter, cfg, n_blocks: int) -> tuple[list[str], set[str]]:
     return every, asked
 
 
-def make_plan(tensors: list[GGUFTensor], by_gguf: dict[str, str], hp: LlamaHParams, adapter,
+def make_plan(tensors: list[GGUFTensor], by_gguf: dict[str, str], hp: HParams, adapter,
               cfg, n_blocks: int, scales: str) -> _Plan:
     """Sort the file's tensors into refined targets, fixed prefix linears and pass-through."""
     plan = _Plan(by_gguf)
@@ -261,7 +231,7 @@ def _reason(t: GGUFTensor, by_gguf: dict[str, str]) -> str:
 
 
 def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: _Plan,
-                     hp: LlamaHParams) -> None:
+                     hp: HParams) -> None:
     """Write the file's decoded values into every parameter except the refined blocks' linears,
     which keep their full-precision values for the targets (step 3)."""
     params = dict(model.named_parameters())
@@ -627,11 +597,11 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
         raise GSQError(f"base model '{base}': {err}") from None
     model, tokenizer = load_any_model(base)
     try:
-        hp = llama_hparams(model.config)
+        hp = model_hparams(model.config)
     except GSQError as err:
         raise GSQError(f"base model '{base}': {err}") from None
     adapter = adapter_for(model.config.model_type)
-    _check_hparams(fields, hp, src)
+    check_file_hparams(fields, hp, src)
     n_blocks = min(hp.n_layer, cfg.max_blocks or hp.n_layer)
     plan = make_plan(tensors, match_tensors(tensors, model, hp, src), hp, adapter, cfg, n_blocks,
                      scales)
@@ -658,7 +628,7 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
 
 
 def _tensor_entry(target: _Linear, changed: int, scales_changed: int) -> dict:
-    lo, hi = BLOCK_TYPES[target.tensor.type_name].code_range
+    lo, hi = TYPES[target.tensor.type_name].code_range
     numel = int(np.prod(target.tensor.shape))
     return {"module": target.module, "type": target.tensor.type_name,
             "relaxation": "full" if hi - lo + 1 <= FULL_RELAXATION_MAX_CODES else "shift",

@@ -72,6 +72,22 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside `out`; rename it to `out` only if the block succeeds."""
+    out = check_output_path(out, overwrite)
+    if out.is_dir():
+        raise GSQError(f"output path '{out}' is a directory")
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, qw in records.items():

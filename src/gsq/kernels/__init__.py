@@ -3,9 +3,9 @@
 `use_fused(t)` says whether the fused path applies to tensor `t`: CUDA, fp32/bf16/fp16, triton
 importable and env `GSQ_FUSED` = "1". The fused path is opt-in: its GPU equivalence tests pass on
 an H100 and `benchmarks/gpu_step.py` measured it 5.6x faster than the torch sampler, but whether
-it (and bf16) gives as good a model at equal budget is not settled yet. `categorical_sample` /
-`ternary_sample` take exactly the arguments of `CategoricalSample.apply` /
-`TernarySample.apply` and dispatch on `use_fused(logits)`.
+it (and bf16) gives as good a model at equal budget is not settled yet. The samplers of
+`gsq.quant.sampler` (`categorical_sample`, `ternary_sample`) dispatch on `use_fused(logits)`; this
+package imports nothing of gsq (the kernels sit below `gsq.quant`).
 Importing this package never imports triton; `gsq.kernels.sampler_triton` does.
 
 The fused and torch paths draw different noise streams (Philox in-kernel vs a seeded
@@ -19,8 +19,6 @@ import os
 
 import torch
 from torch import Tensor
-
-from gsq.quant.sampler import CategoricalSample, TernarySample
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,32 +44,6 @@ def use_fused(tensor: Tensor) -> bool:
     return triton_available()
 
 
-def categorical_sample(logits, scale, values, valid, kappa, tau, noise_seed, group_size,
-                       scale_dtype, out_dtype, accumulate_grad: bool = False) -> Tensor:
-    """`CategoricalSample.apply(...)`, fused on CUDA (see `use_fused`). `accumulate_grad` (fused
-    path only): True adds ∂ℓ straight into `logits.grad`; a `sampler_triton.DeferredGrads`
-    batches several micro-steps (see the `sampler_triton` module doc)."""
-    if use_fused(logits):
-        from gsq.kernels.sampler_triton import FusedCategoricalSample
-
-        return FusedCategoricalSample.apply(logits, scale, values, valid, kappa, tau, noise_seed,
-                                            group_size, scale_dtype, out_dtype, accumulate_grad)
-    return CategoricalSample.apply(logits, scale, values, valid, kappa, tau, noise_seed,
-                                   group_size, scale_dtype, out_dtype)
-
-
-def ternary_sample(logits, scale, kappa, tau, noise_seed, group_size, scale_dtype, out_dtype,
-                   accumulate_grad: bool = False) -> Tensor:
-    """`TernarySample.apply(...)`, fused on CUDA (see `use_fused` and `categorical_sample`)."""
-    if use_fused(logits):
-        from gsq.kernels.sampler_triton import FusedTernarySample
-
-        return FusedTernarySample.apply(logits, scale, kappa, tau, noise_seed, group_size,
-                                        scale_dtype, out_dtype, accumulate_grad)
-    return TernarySample.apply(logits, scale, kappa, tau, noise_seed, group_size, scale_dtype,
-                               out_dtype)
-
-
 def lion_uses_triton(params) -> bool:
     """Whether to build `lion_pytorch.Lion(..., use_triton=True)`: every parameter on CUDA and the
     fused path enabled (lion_pytorch's Triton update asserts CUDA tensors)."""
@@ -79,5 +51,4 @@ def lion_uses_triton(params) -> bool:
     return bool(params) and all(use_fused(p) for p in params)
 
 
-__all__ = ["categorical_sample", "lion_uses_triton", "ternary_sample", "triton_available",
-           "use_fused"]
+__all__ = ["lion_uses_triton", "triton_available", "use_fused"]

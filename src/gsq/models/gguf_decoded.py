@@ -6,8 +6,8 @@ the config and the tokenizer from the keys alone, so it is given a tensor-less c
 (`metadata_only_gguf`). The model is made from that config (`from_config`) and every parameter is
 then filled from the file: decoded to fp32 (`decode_tensor`), attn_q / attn_k rows taken back from
 llama.cpp's interleaved rotary order to HF's (`rotary_rows`), cast to the requested dtype. Buffers
-(the rotary inv_freq) stay as `from_config` makes them. Only the `llama` architecture (the one gsq
-exports) is read this way.
+(the rotary inv_freq) stay as `from_config` makes them. Only the architectures gsq
+exports (`gsq.gguf.ARCHITECTURES`) are read this way.
 """
 
 from __future__ import annotations
@@ -19,20 +19,21 @@ from typing import Any
 import torch
 
 from gsq.errors import GSQError
-from gsq.export.gguf_file import (
+from gsq.gguf import (
+    ARCHITECTURES,
     GGUFTensor,
     field_value,
     hf_values,
-    llama_hparams,
     match_tensors,
     metadata_only_gguf,
     missing_types,
+    model_hparams,
     qk_heads,
 )
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def load_decoded_gguf(path: Path, fields: dict[str, Any], tensors: list[GGUFTensor],
@@ -98,7 +99,7 @@ def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Pat
     GSQError naming the first tensor the file lacks or whose shape differs from the model's; file
     tensors without a counterpart are ignored with a warning."""
     try:
-        hp = llama_hparams(model.config)
+        hp = model_hparams(model.config)
     except GSQError as err:
         raise GSQError(f"cannot load GGUF model '{path}': {err}") from None
     by_gguf = match_tensors(tensors, model, hp, path, owner="the model its keys describe")

@@ -135,7 +135,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsq.export.gguf_file import missing_types, read_gguf
+    from gsq.gguf import missing_types, read_gguf
 
     fields, tensors = read_gguf(path)  # GSQError for a truncated or non-GGUF file
     if missing_types(tensors):
@@ -180,10 +180,9 @@ def _drop_gguf_quantizer(model: Any) -> None:
 def _gguf_architecture(path: Path) -> str:
     """`general.architecture` of a GGUF file ("?" if it cannot be read)."""
     try:
-        from gguf import GGUFReader
+        from gsq.gguf import field_value, read_gguf
 
-        field = GGUFReader(path).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
+        return str(field_value(read_gguf(path)[0]["general.architecture"]))
     except Exception:  # only used for an error message
         return "?"
 

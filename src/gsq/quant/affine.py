@@ -1,7 +1,7 @@
 """Affine quantizers: learn the integer codes of an existing affine assignment (method §13.1).
 
 A GGUF block type stores, per sub-block g of a row, an affine map `value = scale_g · code - min_g`
-with integer codes in the type's range (`gsq.export.gguf_blocks.Assignment`). `AffineWeight` is
+with integer codes in the type's range (`gsq.gguf.Assignment`). `AffineWeight` is
 that record in torch; `AffineShiftQuantizer` relaxes its codes with Gumbel-Softmax:
 
 | type's codes            | candidates (K)                             | prior c̃ (minus its mean) |

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gsq.kernels import categorical_sample, ternary_sample
 from gsq.quant.grids import to_bf16_grid
 from gsq.quant.lattice import Fp16Lattice, project_ste
+from gsq.quant.sampler import categorical_sample, ternary_sample
 from gsq.quant.target import target_type
 from gsq.quant.types import QuantizedWeight, QuantSpec
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gsq.kernels import use_fused
 from gsq.quant.grids import expand_scale
 from gsq.quant.noise import gumbel_from_uniform, logistic_from_uniform, seeded_uniform
 
@@ -120,3 +121,33 @@ class TernarySample(torch.autograd.Function):
         grad_sign = h * m * (1.0 + b) * (1.0 - b) * (kappa / tau)
         grad_logits = torch.stack([grad_mask, grad_sign]).to(logits.dtype)
         return grad_logits, grad_scale, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch: the fused Triton kernels on CUDA when enabled (`gsq.kernels.use_fused`), else torch
+
+
+def categorical_sample(logits, scale, values, valid, kappa, tau, noise_seed, group_size,
+                       scale_dtype, out_dtype, accumulate_grad: bool = False) -> Tensor:
+    """`CategoricalSample.apply(...)`, fused on CUDA (see `use_fused`). `accumulate_grad` (fused
+    path only): True adds ∂ℓ straight into `logits.grad`; a `sampler_triton.DeferredGrads`
+    batches several micro-steps (see the `sampler_triton` module doc)."""
+    if use_fused(logits):
+        from gsq.kernels.sampler_triton import FusedCategoricalSample
+
+        return FusedCategoricalSample.apply(logits, scale, values, valid, kappa, tau, noise_seed,
+                                            group_size, scale_dtype, out_dtype, accumulate_grad)
+    return CategoricalSample.apply(logits, scale, values, valid, kappa, tau, noise_seed,
+                                   group_size, scale_dtype, out_dtype)
+
+
+def ternary_sample(logits, scale, kappa, tau, noise_seed, group_size, scale_dtype, out_dtype,
+                   accumulate_grad: bool = False) -> Tensor:
+    """`TernarySample.apply(...)`, fused on CUDA (see `use_fused` and `categorical_sample`)."""
+    if use_fused(logits):
+        from gsq.kernels.sampler_triton import FusedTernarySample
+
+        return FusedTernarySample.apply(logits, scale, kappa, tau, noise_seed, group_size,
+                                        scale_dtype, out_dtype, accumulate_grad)
+    return TernarySample.apply(logits, scale, kappa, tau, noise_seed, group_size, scale_dtype,
+                               out_dtype)

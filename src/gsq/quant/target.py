@@ -25,15 +25,16 @@ stores such tensors of Q2_K/Q3_K/TQ1_0/TQ2_0 models as Q4_0 and of Q4_K models a
 5-bit grid, so here Q4_K falls back to Q4_0 too (the same 4.5 bits per weight); a fallback tensor
 uses its type's default grid (Q4_0: 4-bit g32).
 
-This table restates, in quantization terms, what `gsq.export.gguf_blocks.BLOCK_TYPES` says about
-bytes (`quant/` imports nothing from `export/`); a test checks that the two agree.
+The table is derived from the GGUF type table (`gsq.gguf.TYPES`: the types with a target grid),
+restated in quantization terms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gsq.quant.types import TERNARY, QuantSpec
+from gsq.gguf import TYPES
+from gsq.quant.types import QuantSpec, check_target_spec, parse_target
 
 __all__ = ["TARGETS", "TargetType", "check_target_spec", "fallback_target", "parse_target",
            "target_spec", "target_type"]
@@ -59,51 +60,17 @@ class TargetType:
         return self.family != "fp16"
 
 
-TARGETS: dict[str, TargetType] = {t.name: t for t in (
-    TargetType("Q4_0", 4, 4, 32, 32, "fp16", 4.5),
-    TargetType("Q2_0", 2, 2, 64, 64, "fp16", 2.25),
-    TargetType("TQ1_0", TERNARY, TERNARY, 256, 256, "fp16", 1.6875),
-    TargetType("TQ2_0", TERNARY, 2, 256, 256, "fp16", 2.0625),
-    TargetType("Q2_K", 2, 2, 16, 256, "affine_k", 2.625, (0, 15), 3, (2, 1)),
-    TargetType("Q3_K", 3, 3, 16, 256, "signed_k", 3.4375, (-32, 31)),
-    TargetType("Q4_K", 4, 4, 32, 256, "affine_k", 4.5, (0, 63), 15, (8, 4, 2, 1)),
-)}
+TARGETS: dict[str, TargetType] = {t.name: TargetType(
+    t.name, t.target_bits, t.max_bits, group_size=t.sub_block, row_unit=t.block_size,
+    family=t.family, bpw=t.bpw, k_range=t.k_range,
+    code_max=t.code_range[1] if t.family == "affine_k" else 0, offsets=t.offsets)
+    for t in TYPES.values() if t.target_bits is not None}
 # llama.cpp's choice for rows that are not whole K/TQ blocks (Q4_K -> Q5_0 there; see module doc)
-FALLBACK_RULE = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q4_0", "TQ1_0": "Q4_0",
-                 "TQ2_0": "Q4_0", "Q2_0": "Q4_0"}
-
-
-def parse_target(value: str) -> str:
-    """'gguf:q2_k' or 'Q2_K' -> 'Q2_K'; ValueError naming the supported types otherwise."""
-    text = str(value).strip()
-    fmt, sep, name = text.partition(":")
-    if sep and fmt.strip().lower() != "gguf":
-        raise ValueError(f"only GGUF targets are supported (gguf:TYPE); got {value!r}")
-    name = (name if sep else text).strip().upper()
-    if name not in TARGETS:
-        raise ValueError(f"unknown GGUF target {value!r}; supported: {', '.join(TARGETS)}")
-    return name
+FALLBACK_RULE = {name: TYPES[name].fallback for name in TARGETS if TYPES[name].fallback}
 
 
 def target_type(value: str) -> TargetType:
     return TARGETS[parse_target(value)]
-
-
-def _levels(bits: int | str) -> int:
-    return QuantSpec(bits, 1).levels
-
-
-def check_target_spec(spec: QuantSpec) -> str:
-    """The normalised target name of `spec`; ValueError if its grid or group contradict it."""
-    tt = target_type(spec.target)
-    if spec.group_size != tt.group_size:
-        raise ValueError(f"GGUF target {tt.name} stores one scale per {tt.group_size} columns; "
-                         f"got group size {spec.group_size}")
-    if _levels(spec.bits) > _levels(tt.max_bits):
-        widest = QuantSpec(tt.max_bits, 1).label.split()[0]
-        raise ValueError(f"GGUF target {tt.name} holds at most {widest} codes; got bits "
-                         f"{spec.bits}")
-    return tt.name
 
 
 def target_spec(target: str, bits: int | str | None = None,

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gsq.gguf import TYPES as GGUF_TYPES
+
 TERNARY = "ternary"
 SUPPORTED_BITS = (2, 3, 4, TERNARY)
 
@@ -38,8 +40,6 @@ class QuantSpec:
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group size must be a positive integer; got {self.group_size!r}")
         if self.target is not None:
-            from gsq.quant.target import check_target_spec
-
             object.__setattr__(self, "target", check_target_spec(self))
 
     @property
@@ -69,15 +69,44 @@ class QuantSpec:
         """Bits per parameter: code bits plus one 16-bit scale per group (method §13); with a
         GGUF target, that type's bits per weight."""
         if self.target is not None:
-            from gsq.quant.target import target_type
-
-            return target_type(self.target).bpw
+            return GGUF_TYPES[self.target].bpw
         return self.code_bits + 16.0 / self.group_size
 
     @property
     def label(self) -> str:
         grid = "ternary" if self.is_ternary else f"{self.bits}-bit"
         return f"{grid} g{self.group_size}" + (f" ({self.target})" if self.target else "")
+
+
+def target_names() -> tuple[str, ...]:
+    """The GGUF types a run can target (`--target gguf:TYPE`): those with a target grid."""
+    return tuple(name for name, t in GGUF_TYPES.items() if t.target_bits is not None)
+
+
+def parse_target(value: str) -> str:
+    """'gguf:q2_k' or 'Q2_K' -> 'Q2_K'; ValueError naming the supported types otherwise."""
+    text = str(value).strip()
+    fmt, sep, name = text.partition(":")
+    if sep and fmt.strip().lower() != "gguf":
+        raise ValueError(f"only GGUF targets are supported (gguf:TYPE); got {value!r}")
+    name = (name if sep else text).strip().upper()
+    if name not in target_names():
+        raise ValueError(f"unknown GGUF target {value!r}; supported: {', '.join(target_names())}")
+    return name
+
+
+def check_target_spec(spec: QuantSpec) -> str:
+    """The normalised target name of `spec`; ValueError if its grid or group contradict it (the
+    group must be the type's scale unit, the grid no wider than the type holds)."""
+    t = GGUF_TYPES[parse_target(spec.target)]
+    if spec.group_size != t.sub_block:
+        raise ValueError(f"GGUF target {t.name} stores one scale per {t.sub_block} columns; "
+                         f"got group size {spec.group_size}")
+    if QuantSpec(spec.bits, 1).levels > QuantSpec(t.max_bits, 1).levels:
+        widest = QuantSpec(t.max_bits, 1).label.split()[0]
+        raise ValueError(f"GGUF target {t.name} holds at most {widest} codes; got bits "
+                         f"{spec.bits}")
+    return t.name
 
 
 def parse_bits(value: str | int) -> int | str:
