@@ -13,8 +13,9 @@ from gsq.gguf.types import UNKNOWN_FILE_TYPE
 def test_activation_partners():
     q8_0 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_0")
     q8_k = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0")
-    assert ACTIVATION_ROUNDING == {**dict.fromkeys(q8_0, "q8_0"), **dict.fromkeys(q8_k, "q8_K"),
-                                   "F16": "f16", "BF16": "bf16", "F32": None}
+    want = {**dict.fromkeys(q8_0, "q8_0"), **dict.fromkeys(q8_k, "q8_K"), "F16": "f16",
+            "BF16": "bf16", "F32": None}
+    assert want == ACTIVATION_ROUNDING
 
 
 def test_file_types():

@@ -84,7 +84,7 @@ def test_target_table_is_the_one_the_quantizers_were_built_on():
     from gsq.quant.target import FALLBACK_RULE, TargetType
 
     T3 = "ternary"
-    assert TARGETS == {t.name: t for t in (
+    want = {t.name: t for t in (
         TargetType("Q4_0", 4, 4, 32, 32, "fp16", 4.5),
         TargetType("Q2_0", 2, 2, 64, 64, "fp16", 2.25),
         TargetType("TQ1_0", T3, T3, 256, 256, "fp16", 1.6875),
@@ -93,6 +93,7 @@ def test_target_table_is_the_one_the_quantizers_were_built_on():
         TargetType("Q3_K", 3, 3, 16, 256, "signed_k", 3.4375, (-32, 31)),
         TargetType("Q4_K", 4, 4, 32, 256, "affine_k", 4.5, (0, 63), 15, (8, 4, 2, 1)),
     )}
+    assert want == TARGETS
     assert list(TARGETS) == ["Q4_0", "Q2_0", "TQ1_0", "TQ2_0", "Q2_K", "Q3_K", "Q4_K"]
     assert FALLBACK_RULE == {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q4_0", "TQ1_0": "Q4_0",
                              "TQ2_0": "Q4_0", "Q2_0": "Q4_0"}
