@@ -53,16 +53,16 @@ def adapter_for(model_type: str) -> ModelAdapter:
 
 def _gguf_model_types() -> tuple[str, ...]:
     """The model types the GGUF layer writes (its table, not repeated here)."""
-    from gsq.export.gguf_file import SUPPORTED_MODEL_TYPES
+    from gsq.gguf import SUPPORTED_MODEL_TYPES
 
     return tuple(SUPPORTED_MODEL_TYPES)
 
 
 def _check_gguf_config(config: Any) -> None:
     """GSQError for a config the GGUF layer would refuse (rope scaling, biases, ...)."""
-    from gsq.export.gguf_file import llama_hparams
+    from gsq.gguf import model_hparams
 
-    llama_hparams(config)
+    model_hparams(config)
 
 
 def supports(model_type: str, capability: str) -> bool:

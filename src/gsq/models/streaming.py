@@ -8,7 +8,7 @@
     checkpoint conversion (`convert_and_load_state_dict_in_model`: renamed keys, fused MoE experts)
     upcast to fp32 there; `saved` reverts the conversion for writing;
   * a `.gguf` file of the `llama` architecture: tensors decoded one at a time by gsq's decoders
-    (`gsq.export.gguf_file.hf_values`), the same values transformers' GGUF loader produces;
+    (`gsq.gguf.hf_values`), the same values transformers' GGUF loader produces;
   * anything else (PyTorch `.bin` checkpoints, GGUF files of other architectures): loaded whole in
     fp32 by `load_base_model` and served from memory, as before streaming existed.
 `StreamedBlocks` is the block loop's loader over a source (`gsq.calib.sequential.BlockLoader`):
@@ -164,10 +164,10 @@ class GGUFSource(WeightSource):
     kind = "gguf"
 
     def __init__(self, path: Path, tensors: list, model: nn.Module) -> None:
-        from gsq.export.gguf_file import llama_hparams, match_tensors
+        from gsq.gguf import match_tensors, model_hparams
 
         self.path = path
-        self.hp = llama_hparams(model.config)
+        self.hp = model_hparams(model.config)
         by_gguf = match_tensors(tensors, model, self.hp, path,
                                 owner="the model its keys describe")
         self.tensors = {by_gguf[t.name]: t for t in tensors if t.name in by_gguf}
@@ -176,7 +176,7 @@ class GGUFSource(WeightSource):
                       for k, t in self.tensors.items()}
 
     def _values(self, key: str) -> torch.Tensor:
-        from gsq.export.gguf_file import hf_values, qk_heads
+        from gsq.gguf import hf_values, qk_heads
 
         t = self.tensors[key]
         return hf_values(t, qk_heads(t.name, self.hp))
@@ -360,11 +360,11 @@ def _open_hub(repo: str) -> StreamedModel:
 
 
 def _open_gguf(path: Path) -> StreamedModel:
-    from gsq.export.gguf_file import field_value, read_gguf
+    from gsq.gguf import ARCHITECTURES, field_value, read_gguf
 
     fields, tensors = read_gguf(path)
     arch = field_value(fields["general.architecture"]) if "general.architecture" in fields else ""
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         return _open_in_memory(str(path), [path])
     from gsq.models.gguf_decoded import gguf_config_and_tokenizer
 
