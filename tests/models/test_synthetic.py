@@ -187,6 +187,19 @@ def test_demo_tokenizer_is_smollm2s(demo_tok):
     assert demo_tok("Hello world, the cat")["input_ids"] == [19556, 905, 28, 260, 2644]
 
 
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_saved_tokenizer_json_is_what_transformers_runs(arch, arch_model_dir):
+    """transformers loads qwen2's own tokenizer class whatever the files say; the saved
+    tokenizer.json must tokenize as that class does (llama.cpp's converter reads the file)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    path = arch_model_dir(arch)
+    text = "Hello world, the cat's  café\n\n  1234 <|im_start|> x"
+    raw = Tokenizer.from_file(str(path / "tokenizer.json")).encode(text).ids
+    assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == raw
+
+
 def test_arch_model_dir_fixture(arch_model_dir, demo_tok):
     from transformers import AutoConfig, AutoTokenizer
 

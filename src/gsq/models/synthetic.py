@@ -123,8 +123,24 @@ def save_random_model(model: Any, tokenizer: Any, path: str | Path, max_shard_si
     transformers' own save_pretrained; the caller's model is not modified."""
     path = Path(path)
     copy.deepcopy(model).to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(path)
+    _save_tokenizer(tokenizer, path)
     return path
+
+
+def _save_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Save `tokenizer` as the tokenizer transformers will load for the model type in `path`.
+
+    transformers picks some model types' own tokenizer class whatever the files say (qwen2 gets
+    Qwen2Tokenizer, whose pre-tokenizer regex differs from SmolLM2's on runs of whitespace and
+    newlines); that tokenizer is saved in its place so tokenizer.json says what the model's users
+    run, as in a real Qwen2 checkpoint.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(path)
+    loaded = AutoTokenizer.from_pretrained(path)
+    if type(loaded) is not type(tokenizer):
+        loaded.save_pretrained(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +207,7 @@ def write_random_checkpoint(path: str | Path, config: Any, tokenizer: Any, seed:
     config = copy.deepcopy(config)
     config.dtype = dtype
     config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_tokenizer(tokenizer, path)
     return path
 
 
