@@ -8,8 +8,9 @@ Qwen3 (q/k norms, explicit head_dim). For each:
   * `gsq.api.quantize` from a saved checkpoint with the real SmolLM2 tokenizer, with rtn, gptq and
     gsq (tiny budgets), quantizes the 7 linears of every block and nothing else: biases, norms and
     embeddings stay those of the checkpoint, tied embeddings stay tied;
-  * `load_quantized` rebuilds the same model, and the compressed-tensors export loads in
-    transformers with the logits of gsq's own dequantized model.
+  * the quantized directory reads back the same through `load_quantized` and plain transformers,
+    and its compressed-tensors export loads in transformers with the logits of gsq's own
+    dequantized model.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def calib_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(arch_model_dir, calib_file, tmp_path_factory):
-    """Factory (case, method) -> (source dir, QuantizeResult with out); cached."""
+    """Factory (case, method) -> (source dir, QuantizeResult); cached."""
     from gsq.api import quantize
     from gsq.config import QuantizeConfig
     from gsq.quant.trainer import TrainConfig
@@ -137,33 +138,30 @@ def _load_source(path: Path):
 
 @pytest.mark.parametrize(("case", "method"), RUNS)
 def test_quantize_quantizes_the_linears_only_and_round_trips(quantized, case, method):
+    """The directory read back two ways: by gsq (`load_quantized`: exact s·codes from the codes
+    file) and as a plain transformers checkpoint; both hold s·codes in the 7 linears of every
+    block and the source checkpoint's values everywhere else."""
     from gsq.io.quantized_dir import load_quantized
 
     source_dir, result = quantized(case, method)
     source = _load_source(source_dir)
     adapter = adapter_for(source.config.model_type)
     expected = {f"model.layers.{i}.{n}" for i in range(2) for n in adapter.linear_names()}
-    assert set(result.records) == expected
+    model, _, records = load_quantized(result.out)
+    assert set(records) == expected and result.report["quantized_tensors"] == len(expected)
     base = dict(source.named_parameters())
-    for name, param in result.model.named_parameters():
+    plain = dict(_load_source(result.out).named_parameters())
+    assert set(plain) == set(base)
+    for name, param in model.named_parameters():
         module = name.rpartition(".")[0]
-        if module in result.records and name.endswith(".weight"):
-            qw = result.records[module]
-            assert torch.equal(param, qw.dequantize(param.dtype)), name
+        if module in records and name.endswith(".weight"):
+            assert torch.equal(param, records[module].dequantize(param.dtype)), name
             assert not torch.equal(param, base[name]), name
         else:  # biases, norms (q/k norms too), embeddings, lm_head: the checkpoint's values
             assert torch.equal(param, base[name]), name
+        assert torch.equal(plain[name], param), name  # s·codes is exact in bf16 at 2 bits
     tied = source.config.tie_word_embeddings
-    assert (result.model.lm_head.weight is result.model.model.embed_tokens.weight) == tied
-
-    loaded, _, records = load_quantized(result.out)
-    assert set(records) == expected
-    for module, qw in records.items():
-        assert torch.equal(qw.codes, result.records[module].codes.to(qw.codes.dtype)), module
-        assert torch.equal(qw.scale, result.records[module].scale.float()), module
-    mine = result.model.state_dict()
-    assert all(torch.equal(value, mine[name]) for name, value in loaded.state_dict().items())
-    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
 @pytest.mark.parametrize("case", [case for case, method in RUNS if method == "gsq"])
@@ -171,16 +169,18 @@ def test_compressed_tensors_export_loads_with_gsqs_logits(quantized, case, tmp_p
     from transformers import AutoModelForCausalLM
 
     from gsq.export.compressed_tensors import export_compressed_tensors
+    from gsq.io.quantized_dir import load_quantized
 
     _, result = quantized(case, "gsq")
     export_compressed_tensors(result.out, tmp_path / "ct")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
-    ids = torch.randint(0, result.model.config.vocab_size, (2, SEQLEN),
+    reference, _, _ = load_quantized(result.out)  # gsq's own dequantized model
+    ids = torch.randint(0, reference.config.vocab_size, (2, SEQLEN),
                         generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = result.model(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected)
     if case == "qwen2":  # the biases travel as plain tensors beside the packed weights
         attn = loaded.model.layers[1].self_attn
-        assert torch.equal(attn.k_proj.bias, result.model.model.layers[1].self_attn.k_proj.bias)
+        assert torch.equal(attn.k_proj.bias, reference.model.layers[1].self_attn.k_proj.bias)

@@ -92,8 +92,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> 
     return noise * std
 
 
-def _final_norm_name(config: Any) -> str:
-    return "model.norm.weight"  # every architecture in ARCHITECTURES
+_FINAL_NORM = "model.norm.weight"  # in every architecture of ARCHITECTURES
 
 
 def build_random_model(config: Any, seed: int = 0, logit_scale: float = 1.0) -> Any:
@@ -107,11 +106,10 @@ def build_random_model(config: Any, seed: int = 0, logit_scale: float = 1.0) -> 
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     std = config.initializer_range
-    final_norm = _final_norm_name(config)
     with torch.no_grad():
         for name, param in model.named_parameters():  # tied weights appear once
             value = _random_tensor(name, tuple(param.shape), seed, std)
-            param.copy_(value * logit_scale if name == final_norm else value)
+            param.copy_(value * logit_scale if name == _FINAL_NORM else value)
     return model.eval().requires_grad_(False)
 
 
@@ -189,7 +187,6 @@ def write_random_checkpoint(path: str | Path, config: Any, tokenizer: Any, seed:
     path.mkdir(parents=True, exist_ok=True)
     tensors = _checkpoint_tensors(config)
     shards = _plan_shards(tensors, torch.empty(0, dtype=dtype).element_size(), max_shard_bytes)
-    final_norm = _final_norm_name(config)
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards):
@@ -197,7 +194,7 @@ def write_random_checkpoint(path: str | Path, config: Any, tokenizer: Any, seed:
         data = {}
         for name, shape in shard:
             value = _random_tensor(name, shape, seed, config.initializer_range)
-            data[name] = (value * logit_scale if name == final_norm else value).to(dtype)
+            data[name] = (value * logit_scale if name == _FINAL_NORM else value).to(dtype)
             weight_map[name] = fname
             total += data[name].nbytes
         save_file(data, str(path / fname), metadata={"format": "pt"})
