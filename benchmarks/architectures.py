@@ -5,8 +5,9 @@ window): build and save a 2-block model (hidden 64) with SmolLM2's tokenizer, ch
 `gsq quantize` does before loading (plain, and with a GGUF need), quantize it with rtn, gptq and
 gsq at a tiny budget (4 + 2 + 4 windows of 32 tokens, 1 epoch of 2 steps, 2 Q/K steps, 2-bit g64),
 reload the gsq directory (`load_quantized`), export it as compressed-tensors and load that in
-transformers. Reported: each step's wall and CPU seconds, and the largest |logit difference| of
-the reloaded and compressed-tensors models against gsq's own dequantized model (0 = exact).
+transformers. Reported: each step's wall and CPU seconds, and the largest |logit difference|
+against gsq's own dequantized model (`load_quantized`) of the directory read as a plain
+transformers checkpoint and of the compressed-tensors checkpoint (0 = exact).
 GGUF export itself is not run here.
 
     python benchmarks/architectures.py [--json benchmarks/results/archs-dense.json]
@@ -89,16 +90,17 @@ def run_case(case: str, tokenizer, calib: Path, root: Path) -> dict:
     for method in ("rtn", "gptq", "gsq"):
         out = root / f"{case}-{method}"
         with timed(row, f"quantize_{method}"):
-            result = quantize(str(source), CFG.replace(method=method), calib=str(calib), out=out,
-                              progress=False)
+            quantize(str(source), CFG.replace(method=method), calib=str(calib), out=out,
+                     progress=False)
     with timed(row, "load_quantized"):
-        loaded, _, _ = load_quantized(out)
-    row["load_quantized_max_logit_diff"] = _max_diff(loaded, result.model, ids)
+        loaded, _, _ = load_quantized(out)  # gsq's own dequantized model, from the codes
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    row["plain_max_logit_diff"] = _max_diff(plain, loaded, ids)
     with timed(row, "export_ct"):
         export_compressed_tensors(out, root / f"{case}-ct")
     with timed(row, "load_ct"):
         ct = AutoModelForCausalLM.from_pretrained(root / f"{case}-ct", dtype=torch.float32)
-    row["ct_max_logit_diff"] = _max_diff(ct.eval(), result.model, ids)
+    row["ct_max_logit_diff"] = _max_diff(ct.eval(), loaded, ids)
     return row
 
 
