@@ -156,6 +156,7 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
         "device": str(device),
         **peak_memory(device),
         **target_report(cfg, records),
+        **moe_report(cfg, report),
     })
     return records, report
 
@@ -195,6 +196,21 @@ def finetune_output(out: Path, model_source: str, windows: dict[str, torch.Tenso
     return report
 
 
+def moe_report(cfg: QuantizeConfig, report: dict) -> dict:
+    """For MoE models: the token threshold, the number of routed experts, and the experts that
+    took each fallback (`sequential.Routing`; per-expert token counts are in the MLP stages)."""
+    experts = [e for block in report["blocks"] for stage in block["stages"]
+               for e in stage.get("experts", [])]
+    if not experts:
+        return {}
+    return {"moe": {
+        "min_tokens": cfg.moe_min_tokens,
+        "experts": len(experts),
+        **{fallback: [e["expert"] for e in experts if fallback in e["fallback"]]
+           for fallback in ("pooled_hessian", "kept_init")},
+    }}
+
+
 def target_report(cfg: QuantizeConfig, records: dict[str, QuantizedWeight]) -> dict:
     """With a GGUF target: the target, the tensor count per type, and the tensors that got the
     fallback type because their rows are not whole blocks of the target (module -> type)."""
@@ -213,8 +229,8 @@ def check_module_specs(model: torch.nn.Module, adapter, cfg: QuantizeConfig) -> 
     target's fallback), so that such errors come before any calibration work."""
     for index, block in enumerate(adapter.blocks(model)[: cfg.max_blocks]):
         prefix = adapter.first_block_prefix().format(i=index)
-        for stage in active_stages(adapter, cfg):
-            stage_specs(cfg, stage, prefix, block)
+        for stage in active_stages(adapter, cfg, block):
+            stage_specs(cfg, stage, prefix, block, adapter)
 
 
 def check_source_architecture(model_source: str, cfg: QuantizeConfig,

@@ -87,6 +87,11 @@ class QuantizeConfig:
     fallback: str | None = None
     # end-to-end scale stage after the block loop (off unless a preset or the user turns it on)
     e2e: E2EConfig = field(default_factory=E2EConfig)
+    # MoE: an expert routed fewer calibration tokens than this in the GPTQ split gets its GPTQ
+    # Hessians from every token entering its layer (as if the router had sent it them all); one
+    # routed fewer in the train split keeps its initial (GPTQ/RTN) codes instead of GSQ training.
+    # Both are listed in report.json ("moe").
+    moe_min_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +110,8 @@ class QuantizeConfig:
             raise ValueError(f"qk_steps must be >= 0; got {self.qk_steps}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen must be >= 2; got {self.seqlen}")
+        if self.moe_min_tokens < 0:
+            raise ValueError(f"moe_min_tokens must be >= 0; got {self.moe_min_tokens}")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1; got {self.max_blocks}")
         self._check_target()

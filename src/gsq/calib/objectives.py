@@ -1,7 +1,9 @@
 """Stage objectives: MSE of a sub-block's output against its full-precision output (method §3).
 
 The trainable linears' weights are swapped in with `torch.func.functional_call`, so the soft
-weights' gradients flow to the quantizers while the Hugging Face modules stay untouched. Targets are
+weights' gradients flow to the quantizers while the Hugging Face modules stay untouched. Which
+parameters a set of linear weights becomes is the adapter's business (`params`, e.g.
+`ModelAdapter.trial_params`: MoE experts' weights are stacked into fused parameters). Targets are
 computed once per stage with the block's original weights (caching them is valid, method §3).
 """
 
@@ -37,14 +39,17 @@ class ActivationObjective:
     """Mean squared error of `fn(block, x)` with trial weights against cached targets.
 
     inputs/targets: `(N, T, hidden)`; `weights` map linear names (e.g. "mlp.up_proj") to
-    `(out, in)`. With `autocast` ("bf16"/"fp16") the sub-block runs under `torch.autocast` on the
-    device (16-bit matmuls); the MSE is always taken in fp32.
+    `(out, in)`; `params(weights)` gives the block parameters (paths relative to the block) that
+    put them in place (default: "{name}.weight"). With `autocast` ("bf16"/"fp16") the sub-block
+    runs under `torch.autocast` on the device (16-bit matmuls); the MSE is always taken in fp32.
     """
 
     def __init__(self, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor],
                  train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], micro_batch_size: int,
-                 device: torch.device, autocast: str | None = None) -> None:
+                 device: torch.device, autocast: str | None = None,
+                 params: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
         self.module = _SubBlock(block, fn)
+        self.params = params or (lambda weights: {f"{n}.weight": w for n, w in weights.items()})
         self.train_in, self.train_out = train
         self.val_in, self.val_out = val
         self.n_train = self.train_in.shape[0]
@@ -54,7 +59,7 @@ class ActivationObjective:
         self.autocast = _AUTOCAST_DTYPES[autocast] if autocast else None
 
     def _forward(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
-        params = {f"block.{name}.weight": w for name, w in weights.items()}
+        params = {f"block.{path}": w for path, w in self.params(weights).items()}
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
             return functional_call(self.module, params, (x,), strict=False)

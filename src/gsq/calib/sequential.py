@@ -7,6 +7,13 @@ For each block, with inputs from the already-quantized prefix:
      the stage's quantizers on its objective and hard-round; write the hard weights into the block;
   3. push the train, val and GPTQ buffers through the hard block to feed the next one.
 Only the current block and its training state live on the device; the model skeleton stays put.
+
+MoE blocks (`adapter.experts(block)` non-empty): the MLP stage holds every expert's gate/up/down
+linears, each with its own GPTQ Hessian on the tokens the full-precision router sends to its
+expert (`adapter.hessian_collector`); same-shape experts are solved in one batched GPTQ. GSQ
+trains all experts together on the block-output objective, their soft weights stacked into the
+fused expert parameters (`adapter.trial_params`). An expert routed fewer than
+`cfg.moe_min_tokens` tokens takes a fallback (see `Routing`), reported per expert.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +30,11 @@ from torch import Tensor, nn
 
 from gsq.calib.cache import ActivationStore
 from gsq.calib.capture import capture_block_context, capture_block_inputs
-from gsq.calib.hooks import collect_hessians
 from gsq.calib.objectives import ActivationObjective, map_batches
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.models.base import ModelAdapter, StageSpec
-from gsq.quant.gptq import gptq_quantize
+from gsq.quant.gptq import gptq_quantize, gptq_quantize_batched
 from gsq.quant.layerwise import QuadraticObjective
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import make_quantizer
@@ -80,12 +86,13 @@ class BlockContext:
 InitProvider = Callable[["BlockContext", StageSpec, list[str]], dict[str, Any]]
 
 
-def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str,
-                block: nn.Module) -> dict[str, QuantSpec]:
+def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str, block: nn.Module,
+                adapter: ModelAdapter | None = None) -> dict[str, QuantSpec]:
     """The linears of `stage` to quantize in this block, with their specs (skips removed)."""
     specs = {}
     for name in stage.linears:
-        width = block.get_submodule(name).in_features
+        weight = adapter.weight(block, name) if adapter else block.get_submodule(name).weight
+        width = weight.shape[1]
         spec = cfg.spec_for(prefix + name, width)  # a GGUF target may fall back on odd widths
         if spec is None:
             continue
@@ -96,44 +103,134 @@ def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str,
     return specs
 
 
-def active_stages(adapter: ModelAdapter, cfg: QuantizeConfig) -> list[StageSpec]:
-    return [s for s in adapter.stages if cfg.scope == "all" or s.objective == "block"]
+def active_stages(adapter: ModelAdapter, cfg: QuantizeConfig,
+                  block: nn.Module | None = None) -> list[StageSpec]:
+    """The stages the run quantizes (of `block`, whose layout may differ between blocks)."""
+    stages = adapter.stages if block is None else adapter.block_stages(block)
+    return [s for s in stages if cfg.scope == "all" or s.objective == "block"]
 
 
 @torch.no_grad()
 def _hessians(bc: BlockContext, adapter: ModelAdapter, names: list[str], x: Tensor,
-              micro: int) -> dict[str, Tensor]:
-    """H of each named linear's inputs while `x` runs through the block in its current state."""
-    with collect_hessians(bc.block, names) as accs:
+              micro: int, pooled: frozenset[str] = frozenset()) -> dict[str, Tensor]:
+    """H of each named linear's inputs while `x` runs through the block in its current state
+    (`pooled`: routed linears that see every token of their layer, `hessian_collector`)."""
+    with adapter.hessian_collector(bc.block, names, pooled) as accs:
         for chunk in x.split(micro):
             adapter.block_forward(bc.block, chunk.to(bc.device), bc.ctx)
     return {name: acc.H for name, acc in accs.items()}
 
 
-def _set_weights(block: nn.Module, results: dict[str, QuantizedWeight]) -> None:
+@torch.no_grad()
+def _set_weights(adapter: ModelAdapter, block: nn.Module,
+                 results: dict[str, QuantizedWeight]) -> None:
     for name, qw in results.items():
-        weight = block.get_submodule(name).weight
-        weight.data.copy_(qw.dequantize(weight.dtype).to(weight.device))
+        weight = adapter.weight(block, name)
+        weight.copy_(qw.dequantize(weight.dtype).to(weight.device))
 
 
-def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro) -> tuple[dict, dict]:
+@dataclass
+class Routing:
+    """Calibration tokens per routed expert of an MoE stage, and the experts that fall back.
+
+    `tokens[split][key]`: tokens the full-precision router sent to expert `key` (each token
+    counts once per expert of its top-k), for the "gptq" split (counted for every method) and
+    the "train" split (GSQ). Fallbacks, for experts routed fewer than `min_tokens` tokens:
+      * "pooled_hessian": GPTQ takes the expert's Hessians over every token entering its MoE
+        layer (its gate/up see the layer's inputs, its down their image through its own
+        quantized gate/up), instead of a rank-deficient Hessian of a few tokens;
+      * "kept_init": GSQ does not train the expert (a few tokens would only overfit it); it
+        keeps its GPTQ (or RTN) codes.
+    """
+
+    experts: dict[str, tuple[str, ...]]  # expert key -> its linears quantized in this stage
+    min_tokens: int
+    tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    fallback: dict[str, list[str]] = field(default_factory=dict)  # expert key -> fallbacks
+
+    @torch.no_grad()
+    def count(self, bc: BlockContext, adapter: ModelAdapter, split: str,
+              mids: Iterable[Tensor]) -> None:
+        """Count the tokens of batches of post-attention hidden states `(n, T, hidden)`."""
+        total = sum(adapter.expert_token_counts(bc.block, chunk.to(bc.device)) for chunk in mids)
+        self.tokens[split] = {key: int(n) for key, n in zip(adapter.experts(bc.block), total,
+                                                             strict=True)}
+
+    def starved(self, split: str, fallback: str) -> frozenset[str]:
+        """Linears of the experts with too few `split` tokens; records `fallback` for them."""
+        keys = [k for k in self.experts if self.tokens[split][k] < self.min_tokens]
+        for key in keys:
+            self.fallback.setdefault(key, []).append(fallback)
+        return frozenset(n for k in keys for n in self.experts[k])
+
+    def report(self, prefix: str) -> list[dict]:
+        return [{"expert": prefix + key,
+                 **{f"tokens_{split}": counts[key] for split, counts in self.tokens.items()},
+                 "fallback": self.fallback.get(key, [])}
+                for key in self.tokens["gptq"]]
+
+
+def _routing(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig, specs: dict,
+             bufs: Buffers) -> Routing | None:
+    """The stage's `Routing` with the GPTQ split counted (None: no routed expert in `specs`)."""
+    experts = {k: tuple(n for n in linears if n in specs)
+               for k, linears in adapter.experts(bc.block).items()}
+    experts = {k: v for k, v in experts.items() if v}
+    if not experts:
+        return None
+    routing = Routing(experts, cfg.moe_min_tokens)
+    micro = cfg.train.micro_batch_size
+    routing.count(bc, adapter, "gptq", (adapter.attention_residual(bc.block, x.to(bc.device),
+                                                                    bc.ctx)
+                                        for x in bufs.gptq.split(micro)))
+    return routing
+
+
+def _gptq(bc: BlockContext, cfg: QuantizeConfig, group: list[str], specs: dict,
+          H: dict[str, Tensor], batched: set[str]) -> dict[str, QuantizedWeight]:
+    """GPTQ of a group's linears; those in `batched` (experts) with the same shape and spec
+    are solved together (`gptq_quantize_batched`, same arithmetic), unless act-order or a GGUF
+    target asks for the per-weight solver."""
+    def solo(n):
+        return gptq_quantize(bc.W_f[n], H[n], specs[n], cfg.percdamp, cfg.gptq_block_size,
+                             cfg.static_groups, cfg.act_order)
+
+    done, batches = {}, {}
+    for n in group:
+        if n in batched and not cfg.act_order and specs[n].target is None:
+            batches.setdefault((tuple(bc.W_f[n].shape), specs[n]), []).append(n)
+        else:
+            done[n] = solo(n)
+    for (_, spec), names in batches.items():
+        W = torch.stack([bc.W_f[n] for n in names])
+        Hs = torch.stack([H[n].to(W.device) for n in names])
+        out = gptq_quantize_batched(W, Hs, spec, cfg.percdamp, cfg.gptq_block_size,
+                                    cfg.static_groups)
+        done.update(zip(names, out, strict=True))
+    return {n: done[n] for n in group}
+
+
+def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro,
+                        routing: Routing | None = None) -> tuple[dict, dict]:
     """GPTQ (or RTN) codes of each linear, and the GPTQ Hessians (empty for RTN).
 
     GPTQ runs group by group in the stage's `gptq_order`, each group written into the block
     before the next group's Hessians are collected, so e.g. down_proj is fitted to the outputs of
     the quantized gate/up projections (the usual "true sequential" GPTQ).
     With `bc.init_provider`, its records instead (no Hessians).
+    With `routing` (MoE), starved experts get pooled Hessians (`Routing`).
     """
     if bc.init_provider is not None:
         return bc.init_provider(bc, stage, list(specs)), {}
     if cfg.method == "rtn" or (cfg.method == "gsq" and cfg.init == "rtn"):
         return {n: rtn_quantize(bc.W_f[n], s) for n, s in specs.items()}, {}
+    pooled = routing.starved("gptq", "pooled_hessian") if routing else frozenset()
+    batched = {n for linears in routing.experts.values() for n in linears} if routing else set()
     init, H = {}, {}
     for group in stage.gptq_groups(list(specs)):
-        H.update(_hessians(bc, adapter, group, bufs.gptq, micro))
-        done = {n: gptq_quantize(bc.W_f[n], H[n], specs[n], cfg.percdamp, cfg.gptq_block_size,
-                                 cfg.static_groups, cfg.act_order) for n in group}
-        _set_weights(bc.block, done)
+        H.update(_hessians(bc, adapter, group, bufs.gptq, micro, pooled & set(group)))
+        done = _gptq(bc, cfg, group, specs, H, batched)
+        _set_weights(adapter, bc.block, done)
         init.update(done)
     return init, H
 
@@ -169,8 +266,12 @@ def _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress) -> tuple[d
     return results, runs
 
 
-def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tuple[dict, list]:
-    """V/O stage on the attention output, or MLP stage on the block output (method §3.1)."""
+def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress,
+                      routing: Routing | None = None) -> tuple[dict, list]:
+    """V/O stage on the attention output, or MLP stage on the block output (method §3.1).
+
+    With `routing` (MoE), the train split's tokens per expert are counted and starved experts
+    keep their initial codes (written into the block, left out of training)."""
     micro = cfg.train.micro_batch_size
     if stage.objective == "attention":
         def fn(block, x):
@@ -186,12 +287,22 @@ def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress) -> tu
         train = (map_batches(attn, bufs.train, micro, bc.device, bufs.store),
                  bc.targets["block_train"])
         val = (map_batches(attn, bufs.val, micro, bc.device, bufs.store), bc.targets["block_val"])
+    kept = {}
+    if routing is not None:
+        routing.count(bc, adapter, "train", train[0].split(micro))
+        starved = routing.starved("train", "kept_init")
+        kept = {n: qw for n, qw in init.items() if n in starved}
+        init = {n: qw for n, qw in init.items() if n not in starved}
+        _set_weights(adapter, bc.block, kept)
+    if not init:
+        return kept, []
     device = next(bc.block.parameters()).device
-    objective = ActivationObjective(bc.block, fn, train, val, micro, device, cfg.train.autocast)
+    objective = ActivationObjective(bc.block, fn, train, val, micro, device, cfg.train.autocast,
+                                    params=lambda weights: adapter.trial_params(bc.block, weights))
     quantizers = _quantizers(init, cfg, seed)
     run = train_quantizers(quantizers, objective, cfg.train, seed, progress,
                            desc=f"block {bc.index} {stage.name}")
-    return run.results, [run]
+    return {**run.results, **kept}, [run]
 
 
 def _run_summary(stage: StageSpec, names: list[str], runs: list[TrainResult],
@@ -214,11 +325,12 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
                    bufs: Buffers, progress: bool) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize one stage's linears in place; returns their records and a report entry."""
     t0 = time.perf_counter()
-    specs = stage_specs(cfg, stage, bc.prefix, bc.block)
+    specs = stage_specs(cfg, stage, bc.prefix, bc.block, adapter)
     if not specs:
         return {}, {"stage": stage.name, "linears": [], "skipped": True}
     micro = cfg.train.micro_batch_size
-    init, H = _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro)
+    routing = _routing(bc, adapter, cfg, specs, bufs) if bc.init_provider is None else None
+    init, H = _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro, routing)
     results, runs = init, []
     if cfg.method == "gsq" and stage.name in cfg.gsq_stages and init:
         seed = derive_seed(cfg.seed, bc.index, _STAGE_IDS.get(stage.name, 0))
@@ -229,11 +341,14 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
                 results, runs = _train_quadratic(bc, adapter, cfg, init, H, bufs, seed, progress)
             else:
                 results, runs = _train_activation(bc, adapter, cfg, stage, init, bufs, seed,
-                                                  progress)
+                                                  progress, routing)
         except FloatingPointError as err:
             raise GSQError(f"block {bc.index} stage {stage.name}: {err}") from err
-    _set_weights(bc.block, results)
-    return results, _run_summary(stage, list(specs), runs, time.perf_counter() - t0)
+    _set_weights(adapter, bc.block, results)
+    summary = _run_summary(stage, list(specs), runs, time.perf_counter() - t0)
+    if routing is not None:
+        summary["experts"] = routing.report(bc.prefix)
+    return results, summary
 
 
 @torch.no_grad()
@@ -267,9 +382,9 @@ def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: Qua
     """Quantize one block in place. Returns (records by full name, report entry, next buffers)."""
     t0 = time.perf_counter()
     prefix = adapter.first_block_prefix().format(i=index)
-    stages = active_stages(adapter, cfg)
+    stages = active_stages(adapter, cfg, block)
     names = [n for s in stages for n in s.linears]
-    W_f = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    W_f = {n: adapter.weight(block, n).detach().clone() for n in names}
     bc = BlockContext(block, index, prefix, ctx, W_f, init_provider=init_provider)
     micro = cfg.train.micro_batch_size
     _cache_fp_targets(bc, adapter, bufs, micro, need_train=cfg.method == "gsq")

@@ -196,9 +196,14 @@ def weight_shards(qdir: Path) -> list[str]:
     raise GSQError(f"'{qdir}' has no {SINGLE_FILE} (or {INDEX_FILE}) to export")
 
 
-def linear_modules(qdir: Path) -> list[str]:
-    """Names of every nn.Linear of the model, built on the meta device (no weights read)."""
+def linear_modules(qdir: Path) -> tuple[list[str], list[str]]:
+    """(every linear weight of the checkpoint, the MoE experts' among them), by checkpoint name,
+    from the model built on the meta device (no weights read). Linears are the nn.Linear
+    modules plus, for MoE models, each expert projection and the routers (the adapter's
+    `checkpoint_linears`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gsq.models.registry import adapter_for
 
     try:
         cfg = AutoConfig.from_pretrained(str(qdir))
@@ -206,7 +211,8 @@ def linear_modules(qdir: Path) -> list[str]:
         raise GSQError(f"cannot read the model config in '{qdir}': {err}") from err
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    adapter = adapter_for(cfg.model_type)
+    return adapter.checkpoint_linears(model), adapter.expert_linears(model)
 
 
 def dense_weights(qdir: Path, shards: list[str], names: list[str]) -> dict[str, Tensor]:
@@ -327,6 +333,21 @@ def fused_notes(schemes: dict[str, tuple[int, int]], linears: list[str]) -> list
     return notes
 
 
+def moe_notes(schemes: dict[str, tuple[int, int]], experts: list[str]) -> list[str]:
+    """MoE engines' constraints: one scheme for all experts; vLLM's fused-MoE kernels (WNA16)
+    take 4- or 8-bit codes only."""
+    used = {schemes[n] for n in experts if n in schemes}
+    notes = []
+    if len(used) > 1 or (used and len(used) < len({schemes.get(n) for n in experts})):
+        notes.append("the MoE experts differ in (bits, group size) or quantized-ness; vLLM's "
+                     "fused-MoE layers and transformers' expert loader take one scheme for all "
+                     "experts")
+    if any(bits not in (4, 8) for bits, _ in used):
+        notes.append("vLLM's fused-MoE kernels take 4- or 8-bit experts only: export with "
+                     "container_bits=4 (--container-bits 4) to serve this checkpoint with vLLM")
+    return notes
+
+
 # ---------------------------------------------------------------------------------------------
 # writing
 
@@ -415,7 +436,7 @@ def export_compressed_tensors(qdir, out, *, container_bits: int | None = None,
         raise GSQError(f"'{qdir}' has no quantized modules to export")
     config = json.loads((qdir / "config.json").read_text())
     shards = weight_shards(qdir)
-    linears = linear_modules(qdir)
+    linears, experts = linear_modules(qdir)
     dense = dense_weights(qdir, shards, list(records))
     validate_records(records, linears, dense)
 
@@ -448,7 +469,7 @@ def export_compressed_tensors(qdir, out, *, container_bits: int | None = None,
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         sizes = _sizes(tmp, records, compressed)
 
-    notes = fused_notes(schemes, linears)
+    notes = fused_notes(schemes, linears) + moe_notes(schemes, experts)
     if ternary:
         notes.append(f"{len(ternary)} ternary module(s) stored as "
                      f"{gsq_meta['ternary_stored_as']} (log2(3) bits of information each)")

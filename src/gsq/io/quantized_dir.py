@@ -145,9 +145,19 @@ def load_records(path: str | Path) -> dict[str, QuantizedWeight]:
 
 
 def apply_records(model: nn.Module, records: dict[str, QuantizedWeight]) -> None:
-    """Overwrite each quantized linear's weight with its exact dequantized value s·codes."""
+    """Overwrite each quantized linear's weight with its exact dequantized value s·codes.
+
+    Records are named as in the checkpoint; the model's adapter finds their live weights (an MoE
+    expert's projection is a slice of a fused parameter).
+    """
+    from gsq.models.registry import adapter_for
+
+    adapter = adapter_for(model.config.model_type)
     for name, qw in records.items():
-        weight = model.get_submodule(name).weight
+        try:
+            weight = adapter.model_weight(model, name)
+        except (AttributeError, IndexError) as err:
+            raise GSQError(f"quantized module '{name}' is not part of the model") from err
         if tuple(weight.shape) != qw.shape:
             raise GSQError(
                 f"shape mismatch for {name}: model {tuple(weight.shape)}, codes {qw.shape}")

@@ -3,14 +3,25 @@
 An adapter tells the pipeline where the decoder blocks are, which linears form each stage, and how
 to run a block's attention and MLP sub-blocks on hidden states `(batch, seq, hidden)`. Streaming
 weights from disk, MoE experts and multi-process runs plug in here without touching the block loop.
+
+A "linear" is named by its checkpoint name relative to the block (e.g. "self_attn.q_proj", or an
+MoE expert's "mlp.experts.5.gate_proj"); `weight(block, name)` gives its live `(out, in)` weight,
+which for an expert is a slice of a fused 3-D parameter. The pipeline reads and writes weights,
+collects Hessians and swaps in trial weights only through the adapter (`weight`,
+`hessian_collector`, `trial_params`), so these names need not be modules.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+
+from gsq.quant.hessian import HessianAccumulator
 
 
 @dataclass(frozen=True)
@@ -78,3 +89,79 @@ class ModelAdapter:
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for stage in self.stages for name in stage.linears)
+
+    # -- per-block layout and weight access (overridden where linears are not plain modules) --
+
+    def block_stages(self, block: nn.Module) -> tuple[StageSpec, ...]:
+        """The stages of this block (MoE models mix dense and expert MLPs between blocks)."""
+        return self.stages
+
+    def weight(self, block: nn.Module, name: str) -> Tensor:
+        """The live `(out, in)` weight of linear `name` (a view: writes reach the model)."""
+        return block.get_submodule(name).weight
+
+    def trial_params(self, block: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Parameters (paths relative to the block) that put `weights` `{linear: (out, in)}` in
+        place for `torch.func.functional_call`, keeping their autograd graph."""
+        return {f"{name}.weight": w for name, w in weights.items()}
+
+    @contextmanager
+    def hessian_collector(self, block: nn.Module, names: list[str],
+                          pooled: frozenset[str] = frozenset(),
+                          ) -> Iterator[dict[str, HessianAccumulator]]:
+        """Accumulate H = (2/n) Σ x xᵀ of each named linear's inputs while the block runs.
+
+        `pooled` names routed linears (MoE experts) whose H is taken over every token entering
+        their layer instead of the tokens routed to them (the starved-expert fallback); dense
+        linears see every token anyway.
+        """
+        with collect_linear_hessians(block, names) as accs:
+            yield accs
+
+    def experts(self, block: nn.Module) -> dict[str, tuple[str, ...]]:
+        """Routed experts of the block: expert key (its checkpoint prefix relative to the block,
+        e.g. "mlp.experts.5") -> its linears, in expert order; {} for a dense block."""
+        return {}
+
+    def expert_token_counts(self, block: nn.Module, h: Tensor) -> Tensor:
+        """Tokens the block's router sends to each expert `(E,)` for post-attention hidden
+        states `h` `(batch, seq, hidden)` (each token counts once per expert of its top-k)."""
+        raise NotImplementedError
+
+    def model_weight(self, model: nn.Module, full_name: str) -> Tensor:
+        """`weight` of a linear named in full (e.g. "model.layers.3.mlp.experts.5.gate_proj")."""
+        pattern = re.escape(self.first_block_prefix()).replace(r"\{i\}", r"(\d+)")
+        match = re.match(pattern, full_name)
+        if match is None:
+            return model.get_submodule(full_name).weight
+        return self.weight(self.blocks(model)[int(match.group(1))], full_name[match.end():])
+
+    def checkpoint_linears(self, model: nn.Module) -> list[str]:
+        """Full checkpoint names (without ".weight") of every 2-D linear weight the model's
+        checkpoint holds, quantizable or not: what an exporter lists as quantized or ignored."""
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    def expert_linears(self, model: nn.Module) -> list[str]:
+        """The routed experts' linears among `checkpoint_linears` (engines run them as fused
+        MoE layers, with constraints of their own); [] for a dense model."""
+        return []
+
+
+@contextmanager
+def collect_linear_hessians(block: nn.Module,
+                            linear_names: list[str]) -> Iterator[dict[str, HessianAccumulator]]:
+    """H = (2/n) Σ x xᵀ of each named `nn.Linear`'s inputs while the block runs (forward
+    pre-hooks, always removed)."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    handles = []
+    for name in linear_names:
+        linear = block.get_submodule(name)
+        acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
+        accumulators[name] = acc
+        handles.append(linear.register_forward_pre_hook(
+            lambda module, args, acc=acc: acc.add(args[0].detach())))
+    try:
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -19,6 +19,7 @@ from typing import Any
 from gsq.errors import GSQError
 from gsq.models.base import ModelAdapter
 from gsq.models.llama import LlamaAdapter
+from gsq.models.moe import MixtralAdapter, Qwen3MoeAdapter
 
 QUANTIZE, COMPRESSED_TENSORS, GGUF, REFINE = "quantize", "compressed-tensors", "gguf", "refine"
 CAPABILITIES = (QUANTIZE, COMPRESSED_TENSORS, GGUF, REFINE)
@@ -33,6 +34,8 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 register_adapter(LlamaAdapter)
+register_adapter(Qwen3MoeAdapter)
+register_adapter(MixtralAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gsq.quant.grids import round_to_grid, search_group_scales
-from gsq.quant.hessian import damp_hessian
+from gsq.quant.hessian import damp_hessian, damp_hessians
 from gsq.quant.lattice import target_lattice
 from gsq.quant.types import QuantizedWeight, QuantSpec
 
@@ -42,10 +42,10 @@ def _inverse_cholesky_upper(H: Tensor) -> Tensor:
 
 
 def _search(x: Tensor, spec: QuantSpec, lattice, first: int) -> Tensor:
-    """Scales `(out, n)` of groups `x` `(out, n, g)` (groups `first..` of each row): the bf16
-    search, or the best scales of the target's lattice."""
+    """Scales `(..., out, n)` of groups `x` `(..., out, n, g)` (groups `first..` of each row): the
+    bf16 search, or the best scales of the target's lattice (no batch dimension then)."""
     if lattice is None:
-        return search_group_scales(x, spec)
+        return search_group_scales(x.reshape(-1, *x.shape[-2:]), spec).reshape(x.shape[:-1])
     return lattice.search(x, first)
 
 
@@ -57,31 +57,35 @@ def _act_order(H: Tensor, dead: Tensor) -> Tensor:
 
 def _solve(W: Tensor, Hinv: Tensor, scale: Tensor, groups: list[int], spec: QuantSpec, lattice,
            block_size: int, static: bool) -> Tensor:
-    """Codes `(out, in)` of `W` `(out, in)` in solver order; `groups[j]` is the scale column of
-    solver column j. Without `static`, a group's scale `scale[:, k]` is searched (and written) at
-    its first column, on the updated weights. `W` is updated in place."""
-    out, cols = W.shape
+    """Codes `(..., out, in)` of `W` `(..., out, in)` in solver order; `groups[j]` is the scale
+    column of solver column j. Without `static`, a group's scale `scale[..., k]` is searched (and
+    written) at its first column, on the updated weights. `W` is updated in place.
+
+    A leading batch dimension (`W` `(B, out, in)`, `Hinv` `(B, in, in)`, `scale` `(B, out, n)`)
+    solves B same-shape weights at once, each against its own Hessian (MoE experts).
+    """
+    cols = W.shape[-1]
     g = spec.group_size
-    codes = torch.zeros(out, cols, dtype=torch.int8, device=W.device)
+    codes = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
     bs = _solver_block_size(g, block_size)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2].clone()  # (out, bs) working copy, updated in place
+        W1 = W[..., i1:i2].clone()  # (..., out, bs) working copy, updated in place
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[..., i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0 and not static:
-                x = W1[:, i : i + g].unsqueeze(1)  # (out, 1, g)
-                scale[:, col // g] = _search(x, spec, lattice, col // g)[:, 0]
-            s = scale[:, groups[col]]  # (out,)
-            w = W1[:, i]
+                x = W1[..., i : i + g].unsqueeze(-2)  # (..., out, 1, g)
+                scale[..., col // g] = _search(x, spec, lattice, col // g)[..., 0]
+            s = scale[..., groups[col]]  # (..., out)
+            w = W1[..., i]
             q = round_to_grid(w, s, spec)
-            codes[:, col] = q.to(torch.int8)
-            err = (w - s * q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            codes[..., col] = q.to(torch.int8)
+            err = (w - s * q) / Hinv1[..., i, i].unsqueeze(-1)
+            W1[..., i:] -= err.unsqueeze(-1) * Hinv1[..., i, i:].unsqueeze(-2)
+            Err1[..., i] = err
+        W[..., i2:] -= Err1 @ Hinv[..., i1:i2, i2:]
     return codes
 
 
@@ -128,3 +132,36 @@ def layer_output_error(W: Tensor, W_q: Tensor, H: Tensor) -> float:
     """tr((W_q - W) H (W_q - W)ᵀ): the layer's expected output error under inputs with Hessian H."""
     dW = (W_q - W).double()
     return float(torch.einsum("oi,ij,oj->", dW, H.double(), dW))
+
+
+def gptq_quantize_batched(
+    W: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    percdamp: float = 0.1,
+    block_size: int = 128,
+    static_groups: bool = False,
+) -> list[QuantizedWeight]:
+    """`gptq_quantize` of B same-shape weights `W` `(B, out, in)`, each against its own Hessian
+    `H` `(B, in, in)`, in one solve (one column loop for all: MoE experts).
+
+    The arithmetic is that of `gptq_quantize` row for row, batched; act-order and GGUF targets
+    are not batched (call `gptq_quantize` per weight for those).
+    """
+    if spec.target is not None:
+        raise ValueError("batched GPTQ does not take GGUF targets; quantize one weight at a time")
+    n, out, cols = W.shape
+    g = spec.group_size
+    if cols % g != 0:
+        raise ValueError(f"group size {g} does not divide input width {cols}")
+    W = W.detach().clone().float()
+    H, dead = damp_hessians(H.float().to(W.device), percdamp)  # (B, in, in), (B, in)
+    W.masked_fill_(dead.unsqueeze(1), 0.0)
+    if static_groups:
+        scale = _search(W.reshape(n, out, cols // g, g), spec, None, 0)  # (B, out, in/g)
+    else:
+        scale = torch.zeros(n, out, cols // g, dtype=torch.float32, device=W.device)
+    groups = (torch.arange(cols) // g).tolist()
+    Hinv = _inverse_cholesky_upper(H)  # (B, in, in), upper
+    codes = _solve(W, Hinv, scale, groups, spec, None, block_size, static_groups)
+    return [QuantizedWeight(codes[b], scale[b], spec) for b in range(n)]

@@ -31,3 +31,77 @@ def damp_hessian(H: Tensor, percdamp: float = 0.1) -> tuple[Tensor, Tensor]:
     damp = percdamp * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
     return H, dead
+
+
+
+def damp_hessians(H: Tensor, percdamp: float = 0.1) -> tuple[Tensor, Tensor]:
+    """`damp_hessian` of a batch `(B, n, n)`: (damped copies, dead-column masks `(B, n)`)."""
+    H = H.clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)  # (B, n), a view of H
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    diag.add_(percdamp * diag.mean(-1, keepdim=True))
+    return H, dead
+
+class GroupedHessianAccumulator:
+    """Running-mean Hessians of `n_groups` input streams at once (MoE experts): `H` `(G, n, n)`.
+
+    Group g's Hessian is (2/n_g) Σ x xᵀ over the rows sent to it, exactly as `HessianAccumulator`
+    on those rows alone; the groups are updated together by one batched matmul per chunk.
+    """
+
+    def __init__(self, n_groups: int, n_features: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(n_groups, n_features, n_features, dtype=torch.float32, device=device)
+        self.n_samples = torch.zeros(n_groups, dtype=torch.long)
+
+    def add_padded(self, x: Tensor, counts: Tensor, groups: Tensor | None = None) -> None:
+        """Rows `x` `(S, M, n)` of the groups `groups` `(S,)` (default: all G, in order): group
+        `groups[s]`'s first `counts[s]` rows, the rest zero (padding adds nothing to Σ x xᵀ)."""
+        groups = torch.arange(len(self.n_samples)) if groups is None else groups.cpu()
+        old = self.n_samples[groups]
+        total = old + counts.to("cpu", torch.long)
+        keep = torch.where(total > 0, old / total.clamp(min=1), 1.0)
+        alpha = torch.where(total > 0, 2.0 / total.clamp(min=1), 0.0)
+        x = x.to(self.H.device, torch.float32)
+        gram = torch.bmm(x.transpose(1, 2), x)  # (S, n, n)
+        dev = self.H.device
+        idx = groups.to(dev)
+        self.H[idx] = (self.H[idx] * keep.to(dev, torch.float32)[:, None, None]
+                       + gram * alpha.to(dev, torch.float32)[:, None, None])
+        self.n_samples[groups] = total
+
+    def member(self, g: int) -> GroupMember:
+        """Group g seen as one accumulator (`.H`, `.n_samples`), read when asked."""
+        return GroupMember(self, g)
+
+
+class GroupMember:
+    """One group of a `GroupedHessianAccumulator`, with the attributes of a `HessianAccumulator`."""
+
+    def __init__(self, grouped: GroupedHessianAccumulator, g: int) -> None:
+        self.grouped, self.g = grouped, g
+
+    @property
+    def H(self) -> Tensor:
+        return self.grouped.H[self.g]
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.grouped.n_samples[self.g])
+
+
+def pad_by_group(x: Tensor, group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Rows `x` `(N, n)` with group ids `group` `(N,)` -> (`(G, M, n)` zero-padded, counts `(G,)`).
+
+    Row order inside a group is kept (stable sort), M is the largest group's size.
+    """
+    counts = torch.bincount(group, minlength=n_groups)  # (G,)
+    order = torch.argsort(group, stable=True)
+    sorted_group = group[order]
+    starts = torch.cumsum(counts, 0) - counts  # (G,) first sorted row of each group
+    pos = torch.arange(len(group), device=group.device) - starts[sorted_group]
+    width = int(counts.max()) if len(group) else 0
+    out = x.new_zeros(n_groups, width, x.shape[-1])
+    out[sorted_group, pos] = x[order]
+    return out, counts
