@@ -332,3 +332,27 @@ def test_eval_without_base(capsys, quantized_dir, eval_file):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens"] == 10 * 15 and result["ppl"] > 1
     assert "kl" not in result
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_quantize_moe(capsys, tiny_moe, byte_tokenizer, calib_file, tmp_path, arch):
+    """`gsq quantize` takes Qwen3-MoE and Mixtral; --moe-min-tokens above what any expert gets
+    sends every expert to the pooled-Hessian fallback, said on stdout and in report.json."""
+    src = tmp_path / arch
+    tiny_moe(arch).save_pretrained(src)
+    byte_tokenizer.save_pretrained(src)
+    out = tmp_path / "q"
+    assert main(_quantize_args(src, out, calib_file, "--method", "gptq",
+                               "--moe-min-tokens", "1000")) == 0
+    report = json.loads((out / "report.json").read_text())
+    moe = report["moe"]
+    assert moe["min_tokens"] == 1000 and moe["experts"] == 8 and moe["kept_init"] == []
+    assert len(moe["pooled_hessian"]) == 8
+    assert report["quantized_tensors"] == 2 * (4 + 4 * 3)
+    assert "MoE: 8 experts" in capsys.readouterr().out
+
+
+def test_negative_moe_min_tokens(capsys, tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "q"
+    _assert_user_error(capsys, _quantize_args(tiny_llama_dir, out, calib_file,
+                                              "--moe-min-tokens", "-1"), out, "moe_min_tokens")

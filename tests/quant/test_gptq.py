@@ -218,3 +218,35 @@ def test_act_order_on_a_gguf_lattice_is_held_exactly(name):
     qw = gptq_quantize(W, H, spec, act_order=True)
     assert exact_problem(name, qw) is None
     assert torch.equal(qw.scale, gptq_quantize(W, H, spec, static_groups=True).scale)
+
+
+@pytest.mark.parametrize("bits", [2, 4, "ternary"])
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_gptq_equals_one_solve_per_weight(bits, static):
+    """MoE experts solved together: the same codes and scales as `gptq_quantize` on each weight
+    with its own Hessian (one expert with a dead input column, one with an all-zero Hessian)."""
+    from gsq.quant.gptq import gptq_quantize_batched
+
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(4, 24, 96, generator=gen)
+    X = torch.randn(4, 200, 96, generator=gen) * torch.rand(4, 1, 96, generator=gen)
+    H = 2 * X.transpose(1, 2) @ X / 200
+    H[1, 7, :] = 0
+    H[1, :, 7] = 0
+    H[3] = 0
+    W_before = W.clone()
+    spec = QuantSpec(bits, 32)
+    batched = gptq_quantize_batched(W, H, spec, 0.1, 64, static)
+    assert torch.equal(W, W_before)
+    for b in range(4):
+        single = gptq_quantize(W[b], H[b], spec, 0.1, 64, static)
+        assert torch.equal(batched[b].codes, single.codes), b
+        assert torch.equal(batched[b].scale, single.scale), b
+
+
+def test_batched_gptq_refuses_gguf_targets():
+    from gsq.quant.gptq import gptq_quantize_batched
+
+    with pytest.raises(ValueError, match="GGUF targets"):
+        gptq_quantize_batched(torch.zeros(2, 4, 32), torch.eye(32).repeat(2, 1, 1),
+                              target_spec("Q4_0"))

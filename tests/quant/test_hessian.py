@@ -40,3 +40,44 @@ def test_damping_and_dead_columns():
     assert torch.equal(off_diag, H - torch.diag(torch.diag(H)))  # only the diagonal changes
     assert H_d[0, 2] == 1.0 and H_d[2, 0] == 1.0
     assert H[1, 1] == 0.0  # the input is not modified
+
+
+def test_grouped_accumulator_equals_one_accumulator_per_group():
+    """Batches routed to 3 groups (one never hit, one hit only in the second batch): each group's
+    running mean equals `HessianAccumulator` fed that group's rows; `groups` updates a subset."""
+    from gsq.quant.hessian import GroupedHessianAccumulator, pad_by_group
+
+    gen = torch.Generator().manual_seed(3)
+    grouped, single = GroupedHessianAccumulator(4, 8), [HessianAccumulator(8) for _ in range(4)]
+    for n, ids in ((9, (0, 1)), (13, (0, 1, 2))):
+        x = torch.randn(n, 8, generator=gen)
+        group = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
+        padded, counts = pad_by_group(x, group, 4)
+        assert padded.shape == (4, int(counts.max()), 8) and counts.sum() == n
+        for g in range(4):
+            assert torch.equal(padded[g, : counts[g]], x[group == g])  # order kept, rest zero
+            assert not padded[g, counts[g]:].any()
+            if counts[g]:
+                single[g].add(x[group == g])
+        subset = torch.tensor([2, 0, 1])  # any order of a subset of the groups
+        grouped.add_padded(padded[subset], counts[subset], subset)
+    for g in range(4):
+        torch.testing.assert_close(grouped.member(g).H, single[g].H, rtol=1e-5, atol=1e-6)
+        assert grouped.member(g).n_samples == single[g].n_samples
+    assert grouped.member(3).n_samples == 0 and not grouped.member(3).H.any()
+
+
+def test_batched_damping_equals_damp_hessian():
+    from gsq.quant.hessian import damp_hessians
+
+    gen = torch.Generator().manual_seed(4)
+    H = torch.randn(3, 6, 6, generator=gen)
+    H = H @ H.transpose(1, 2)
+    H[1, 2, :] = 0
+    H[1, :, 2] = 0
+    damped, dead = damp_hessians(H, 0.05)
+    for b in range(3):
+        ref, ref_dead = damp_hessian(H[b], 0.05)
+        torch.testing.assert_close(damped[b], ref)
+        assert torch.equal(dead[b], ref_dead)
+    assert dead[1, 2] and int(dead.sum()) == 1

@@ -127,6 +127,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep modules matching this fnmatch pattern in full precision")
     p.add_argument("--bits-override", action="append", default=[], type=_override,
                    metavar="PATTERN=BITS", help="per-module bit-width")
+    p.add_argument("--moe-min-tokens", type=int, default=None, metavar="N",
+                   help="MoE: an expert routed fewer calibration tokens gets GPTQ Hessians over "
+                        "all tokens of its layer (GPTQ split) and keeps its initial codes instead "
+                        "of GSQ training (train split); listed in report.json (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--max-blocks", type=_positive, help="quantize only the first N blocks")
@@ -158,7 +162,8 @@ def build_config(args: argparse.Namespace):
     changes = {k: v for k, v in {
         "nsamples": args.nsamples, "val_samples": args.val_samples,
         "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
-        "max_blocks": args.max_blocks}.items() if v is not None}
+        "max_blocks": args.max_blocks, "moe_min_tokens": args.moe_min_tokens}.items()
+        if v is not None}
     try:
         cfg = base.replace(
             method=args.method, bits=2 if args.bits is None else args.bits,
@@ -214,7 +219,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{r['wall_seconds']:.1f} s -> {args.out}")
     if r.get("fallback"):
         print(_fallback_line(cfg.target, r["target_types"], r["fallback"]))
+    if r.get("moe"):
+        print(_moe_line(r["moe"]))
     return 0
+
+
+def _moe_line(moe: dict) -> str:
+    """One line on the MoE experts that had too few calibration tokens."""
+    parts = [f"{len(moe[key])} {what}" for key, what in (
+        ("pooled_hessian", "with GPTQ Hessians over all tokens of their layer"),
+        ("kept_init", "kept their initial codes (no GSQ training)")) if moe[key]]
+    starved = "; ".join(parts) if parts else "none"
+    return (f"MoE: {moe['experts']} experts; routed fewer than {moe['min_tokens']} calibration "
+            f"tokens: {starved} (per-expert token counts in report.json)")
 
 
 def _fallback_line(target: str, types: dict[str, int], fallback: dict[str, str]) -> str:
