@@ -45,27 +45,11 @@ def build_tiny_llama(seed: int = 0, **overrides):
 
 
 def build_tiny_moe(arch: str, seed: int = 0, **overrides):
-    """A random 2-block fp32 MoE ("qwen3_moe" or "mixtral"): hidden 64, 4 heads (head_dim 16),
-    2 kv heads, 4 experts top-2 with intermediate 64, vocab 256."""
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+    """A random 2-block fp32 MoE of `gsq.models.synthetic` ("qwen3_moe" or "mixtral": hidden 64,
+    4 experts top-2) with the byte tokenizer's vocabulary (256)."""
+    from gsq.models.synthetic import build_random_model, random_config
 
-    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  num_experts_per_tok=2, max_position_embeddings=256)
-    if arch == "qwen3_moe":
-        kwargs = dict(common, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
-                      norm_topk_prob=True)
-        config_cls = Qwen3MoeConfig
-    elif arch == "mixtral":
-        kwargs = dict(common, intermediate_size=64, num_local_experts=4)
-        config_cls = MixtralConfig
-    else:
-        raise ValueError(f"no tiny MoE for {arch!r}")
-    kwargs.update(overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config_cls(**kwargs))
-    return model.eval().requires_grad_(False)
+    return build_random_model(random_config(arch, TINY_VOCAB, **overrides), seed=seed)
 
 
 @pytest.fixture(scope="session")

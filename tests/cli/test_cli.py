@@ -335,14 +335,12 @@ def test_eval_without_base(capsys, quantized_dir, eval_file):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_quantize_moe(capsys, tiny_moe, byte_tokenizer, calib_file, tmp_path, arch):
-    """`gsq quantize` takes Qwen3-MoE and Mixtral; --moe-min-tokens above what any expert gets
-    sends every expert to the pooled-Hessian fallback, said on stdout and in report.json."""
-    src = tmp_path / arch
-    tiny_moe(arch).save_pretrained(src)
-    byte_tokenizer.save_pretrained(src)
+def test_quantize_moe(capsys, arch_model_dir, calib_file, tmp_path, arch):
+    """`gsq quantize` takes Qwen3-MoE and Mixtral hub-style checkpoints (bf16 shards, per-expert
+    tensors); --moe-min-tokens above what any expert gets sends every expert to the
+    pooled-Hessian fallback, said on stdout and in report.json."""
     out = tmp_path / "q"
-    assert main(_quantize_args(src, out, calib_file, "--method", "gptq",
+    assert main(_quantize_args(arch_model_dir(arch), out, calib_file, "--method", "gptq",
                                "--moe-min-tokens", "1000")) == 0
     report = json.loads((out / "report.json").read_text())
     moe = report["moe"]

@@ -107,7 +107,7 @@ def test_token_counts_and_per_expert_hessians(tiny_moe, arch):
     with adapter.hessian_collector(block, names, pooled) as accs:
         for h in batches:
             adapter.mlp_residual(block, h)
-    direct = {n: HessianAccumulator(64) for n in names}  # hidden = expert intermediate = 64
+    direct = {n: HessianAccumulator(adapter.weight(block, n).shape[1]) for n in names}
     for h in batches:
         x, top_k = _post_attention(adapter, block, h)
         for e in range(E):

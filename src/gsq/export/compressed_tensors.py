@@ -12,6 +12,11 @@ and vLLM load. Per quantized Linear with prefix P and weight `(out, in)` it hold
 and no `P.weight`; every other tensor is copied unchanged. Loaders dequantize w = s*c, so the
 weights they rebuild equal gsq's `s*codes` exactly (in the checkpoint dtype).
 
+MoE experts are exported the same way, one P per expert projection under its checkpoint name
+(`...mlp.experts.5.gate_proj`, Mixtral's `...block_sparse_moe.experts.5.w1`): the per-expert
+layout vLLM maps onto its fused-MoE layer and transformers stacks into its fused parameters. The
+routers (Linear layers for engines) stay dense and are listed in `ignore`.
+
 Stored bit-widths `b`: 2, 3, 4 natively (ternary codes {-1,0,1} go into the 2-bit grid), or a
 4-/8-bit container (`container_bits`) for engines whose kernels only take 4 or 8 bits. Where the
 stored grid can hold the negated codes (containers, ternary) a negative group scale is made
