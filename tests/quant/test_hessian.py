@@ -45,14 +45,15 @@ def test_damping_and_dead_columns():
 def test_grouped_accumulator_equals_one_accumulator_per_group():
     """Batches routed to 3 groups (one never hit, one hit only in the second batch): each group's
     running mean equals `HessianAccumulator` fed that group's rows; `groups` updates a subset."""
-    from gsq.quant.hessian import GroupedHessianAccumulator, pad_by_group
+    from gsq.quant.hessian import GroupedHessianAccumulator, gather_rows, group_rows
 
     gen = torch.Generator().manual_seed(3)
     grouped, single = GroupedHessianAccumulator(4, 8), [HessianAccumulator(8) for _ in range(4)]
     for n, ids in ((9, (0, 1)), (13, (0, 1, 2))):
         x = torch.randn(n, 8, generator=gen)
         group = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
-        padded, counts = pad_by_group(x, group, 4)
+        index, counts = group_rows(group, 4)
+        padded = gather_rows(x, index)
         assert padded.shape == (4, int(counts.max()), 8) and counts.sum() == n
         for g in range(4):
             assert torch.equal(padded[g, : counts[g]], x[group == g])  # order kept, rest zero

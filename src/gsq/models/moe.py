@@ -36,7 +36,12 @@ from torch import Tensor, nn
 from gsq.errors import GSQError
 from gsq.models.base import StageSpec, collect_linear_hessians
 from gsq.models.llama import LlamaAdapter
-from gsq.quant.hessian import GroupedHessianAccumulator, HessianAccumulator, pad_by_group
+from gsq.quant.hessian import (
+    GroupedHessianAccumulator,
+    HessianAccumulator,
+    gather_rows,
+    group_rows,
+)
 
 GATE, UP, DOWN = 0, 1, 2
 # padded expert batches are cut so that one holds at most this many values (memory bound)
@@ -189,11 +194,10 @@ class MoEAdapter(LlamaAdapter):
         def hook(module, args, kwargs):
             x = (args[0] if args else kwargs["hidden_states"]).detach()  # (T, H) normalised
             top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]  # (T, k) expert ids
-            k = top_k.shape[-1]
-            padded, counts = pad_by_group(x.repeat_interleave(k, dim=0), top_k.reshape(-1),
-                                          n_exp)  # (E, M, H), (E,) tokens per expert
-            counts = counts.cpu()
-            self._add_routed(padded, counts, want_x, want_a, acc_x, acc_a, module)
+            # (E, M) token of each expert's m-th assignment (-1: padding), (E,) tokens per expert
+            slots, counts = group_rows(top_k.reshape(-1), n_exp)
+            tokens = torch.where(slots >= 0, slots // top_k.shape[-1], -1)
+            self._add_routed(x, tokens, counts.cpu(), want_x, want_a, acc_x, acc_a, module)
             if pool_x:
                 acc_pool_x.add(x)
             for e in pool_a:
@@ -208,18 +212,20 @@ class MoEAdapter(LlamaAdapter):
             handle.remove()
 
     @staticmethod
-    def _add_routed(padded: Tensor, counts: Tensor, want_x: list[int], want_a: list[int],
-                    acc_x: GroupedHessianAccumulator, acc_a: GroupedHessianAccumulator,
-                    experts: nn.Module) -> None:
-        """Batched Hessian updates of the wanted experts from their routed tokens `padded`
-        `(E, M, H)` (zero rows past `counts`), in expert chunks of bounded size."""
-        _, width, hidden = padded.shape
+    def _add_routed(x: Tensor, tokens: Tensor, counts: Tensor, want_x: list[int],
+                    want_a: list[int], acc_x: GroupedHessianAccumulator,
+                    acc_a: GroupedHessianAccumulator, experts: nn.Module) -> None:
+        """Batched Hessian updates of the wanted experts from their routed tokens: `x` `(T, H)`,
+        `tokens` `(E, M)` the rows of x routed to each expert (-1 past `counts`). Experts go in
+        chunks whose padded `(S, M, ·)` batches hold at most `_PAD_ELEMENTS` values."""
+        width, hidden = tokens.shape[1], x.shape[-1]
         inter = experts.down_proj.shape[-1]
         chunk = max(1, _PAD_ELEMENTS // max(1, width * max(hidden, 2 * inter)))
         for wanted, acc, inner in ((want_x, acc_x, False), (want_a, acc_a, True)):
             for ids in torch.tensor(wanted, dtype=torch.long).split(chunk):
-                x = padded[ids.to(padded.device)]  # (S, M, H)
-                acc.add_padded(_expert_inner(experts, ids, x) if inner else x, counts[ids], ids)
+                rows = gather_rows(x, tokens[ids.to(tokens.device)])  # (S, M, H), zero padding
+                acc.add_padded(_expert_inner(experts, ids, rows) if inner else rows, counts[ids],
+                               ids)
 
 
 def _expert_inner(experts: nn.Module, e, x: Tensor) -> Tensor:

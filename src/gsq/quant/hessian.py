@@ -91,17 +91,21 @@ class GroupMember:
         return int(self.grouped.n_samples[self.g])
 
 
-def pad_by_group(x: Tensor, group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
-    """Rows `x` `(N, n)` with group ids `group` `(N,)` -> (`(G, M, n)` zero-padded, counts `(G,)`).
-
-    Row order inside a group is kept (stable sort), M is the largest group's size.
-    """
+def group_rows(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Rows of each group: group ids `(N,)` -> (row indices `(G, M)`, -1 past a group's end;
+    counts `(G,)`). Rows keep their order inside a group; M is the largest group's size."""
     counts = torch.bincount(group, minlength=n_groups)  # (G,)
     order = torch.argsort(group, stable=True)
     sorted_group = group[order]
     starts = torch.cumsum(counts, 0) - counts  # (G,) first sorted row of each group
     pos = torch.arange(len(group), device=group.device) - starts[sorted_group]
     width = int(counts.max()) if len(group) else 0
-    out = x.new_zeros(n_groups, width, x.shape[-1])
-    out[sorted_group, pos] = x[order]
-    return out, counts
+    index = torch.full((n_groups, width), -1, dtype=torch.long, device=group.device)
+    index[sorted_group, pos] = order
+    return index, counts
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """`x` `(N, n)` gathered by `index` `(..., M)` -> `(..., M, n)`, zero rows where index < 0."""
+    rows = x[index.clamp(min=0)]
+    return rows * (index >= 0).unsqueeze(-1).to(rows.dtype)
