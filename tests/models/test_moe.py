@@ -139,3 +139,23 @@ def test_qwen3_moe_dense_layers_keep_the_llama_mlp(tiny_moe):
         adapter.expert_name(e, 2) for e in range(E)]
     assert "model.layers.1.mlp.gate_proj" in adapter.checkpoint_linears(model)
     assert "model.layers.1.mlp.gate" not in adapter.checkpoint_linears(model)
+
+
+@pytest.mark.parametrize(("arch", "gguf_arch"), [("qwen3_moe", "QWEN3MOE"), ("mixtral", "LLAMA")])
+def test_merged_expert_names_map_to_gguf_expert_tensors(tiny_moe, arch, gguf_arch):
+    """What a GGUF exporter needs: merged names that the gguf package maps to ffn_*_exps, each
+    with the expert records in expert order; the router maps to ffn_gate_inp."""
+    import gguf
+
+    model = tiny_moe(arch)
+    adapter = adapter_for(arch)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch), 2)
+    merged = adapter.merged_experts(model)
+    assert sorted(names.get_name(m) for m in merged) == sorted(
+        f"blk.{i}.ffn_{p}_exps" for i in range(2) for p in ("gate", "up", "down"))
+    for merged_name, experts in merged.items():
+        assert experts == [merged_name.replace("experts.", f"experts.{e}.") for e in range(E)]
+        assert set(experts) <= set(adapter.expert_linears(model))
+    for i in range(2):
+        assert names.get_name(f"model.layers.{i}.{adapter.moe_prefix}gate") == \
+            f"blk.{i}.ffn_gate_inp"

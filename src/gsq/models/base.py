@@ -146,6 +146,11 @@ class ModelAdapter:
         MoE layers, with constraints of their own); [] for a dense model."""
         return []
 
+    def merged_experts(self, model: nn.Module) -> dict[str, list[str]]:
+        """Merged expert tensors (as GGUF stores them) -> their per-expert records, in expert
+        order; {} for a dense model (see `MoEAdapter.merged_experts`)."""
+        return {}
+
 
 @contextmanager
 def collect_linear_hessians(block: nn.Module,

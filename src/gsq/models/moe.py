@@ -153,6 +153,22 @@ class MoEAdapter(LlamaAdapter):
                 for i, block in enumerate(self.blocks(model))
                 for linears in self.experts(block).values() for name in linears]
 
+    def merged_experts(self, model: nn.Module) -> dict[str, list[str]]:
+        """Per MoE layer and projection: the merged name (the expert index dropped, e.g.
+        "model.layers.3.mlp.experts.gate_proj", Mixtral's "...block_sparse_moe.experts.w1") ->
+        the expert records to stack along a new leading expert axis, in expert order. These are
+        the merged names llama.cpp's converter and the `gguf` package's tensor-name map turn into
+        `ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`; the router, named
+        f"{prefix}{moe_prefix}gate", becomes `ffn_gate_inp`."""
+        merged: dict[str, list[str]] = {}
+        for i, block in enumerate(self.blocks(model)):
+            prefix = self.first_block_prefix().format(i=i) + self.moe_prefix
+            n = len(self.experts(block))
+            for part in self.expert_parts if n else ():
+                merged[f"{prefix}experts.{part}"] = [f"{prefix}experts.{e}.{part}"
+                                                      for e in range(n)]
+        return merged
+
     # -- routing and Hessians --
 
     @torch.no_grad()
