@@ -284,7 +284,7 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
                        "activations": "disk" if on_disk else "memory",
                        "model": model_source, "calib": calib or "mix",
                        "chat_template": chat_template, "wall_seconds": time.perf_counter() - t0,
-                       **peak_memory(dev)})
+                       **peak_memory(dev), **moe_report(cfg, report)})
         return report
 
     report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report)

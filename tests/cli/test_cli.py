@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gsq.cli.__main__ import main
 
@@ -348,6 +349,18 @@ def test_quantize_moe(capsys, arch_model_dir, calib_file, tmp_path, arch):
     assert len(moe["pooled_hessian"]) == 8
     assert report["quantized_tensors"] == 2 * (4 + 4 * 3)
     assert "MoE: 8 experts" in capsys.readouterr().out
+    # the checkpoint written block by block holds s*codes in each expert's slice (bf16 source)
+    from transformers import AutoModelForCausalLM
+
+    from gsq.io.quantized_dir import load_records
+    from gsq.models.registry import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    adapter = adapter_for(arch)
+    records = load_records(out)
+    assert set(adapter.expert_linears(model)) <= set(records)
+    for name, qw in records.items():
+        assert torch.equal(adapter.model_weight(model, name), qw.dequantize(torch.bfloat16)), name
 
 
 def test_negative_moe_min_tokens(capsys, tiny_llama_dir, calib_file, tmp_path):
