@@ -63,7 +63,7 @@ def test_unsupported_model_type_from_config_json(capsys, tmp_path, no_loading):
     GPT2Config(n_layer=2, n_embd=64, n_head=4).save_pretrained(tmp_path / "gpt2")
     line = _refused(capsys, tmp_path, tmp_path / "gpt2")
     assert "unsupported architecture 'gpt2'" in line
-    assert "llama, mistral, qwen2, qwen3" in line
+    assert "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe" in line
 
 
 def test_model_type_transformers_does_not_know(capsys, tmp_path, no_loading):
@@ -96,8 +96,10 @@ def test_gguf_target_checks_the_config_details(capsys, tmp_path, no_loading):
 
 
 def test_gguf_file_of_another_architecture_with_a_target(capsys, tmp_path, no_loading):
+    """qwen3_moe quantizes, but the GGUF layer does not write it (yet): refused for a target."""
     path = _gguf_keys_only(tmp_path / "q.gguf", "qwen3moe")
-    assert "unsupported architecture 'qwen3_moe'" in _refused(capsys, tmp_path, path)
+    line = _refused(capsys, tmp_path, path, "--target", "gguf:Q4_0")
+    assert "gguf is not supported for 'qwen3_moe' models; it is for llama" in line
 
 
 def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from gsq.models.synthetic import random_config
 
 def test_support_table():
     table = support_table()
-    assert set(table) == {"llama", "mistral", "qwen2", "qwen3"}
+    assert set(table) == {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"}
     assert all(set(row) == set(CAPABILITIES) for row in table.values())
     assert all(row["quantize"] and row["compressed-tensors"] for row in table.values())
     assert table["llama"]["gguf"] and table["llama"]["refine"]
