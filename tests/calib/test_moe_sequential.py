@@ -155,3 +155,24 @@ def test_starved_expert_takes_the_fallbacks_and_is_reported(run, arch):
     names = [f"model.layers.{b}.{adapter.moe_prefix}experts.{STARVED}" for b in (0, 1)]
     assert summary == {"min_tokens": 16, "experts": 2 * E, "pooled_hessian": names,
                        "kept_init": names}
+
+
+def test_e2e_scale_stage_keeps_expert_scales_and_trains_the_rest(tiny_moe):
+    """The end-to-end scale stage runs on an MoE model: the experts (slices of fused parameters)
+    keep their scales and are reported frozen; attention scales are trained; the model holds
+    scale * codes for every record."""
+    from gsq.api import quantize_model
+    from gsq.config import E2EConfig
+
+    cfg = _cfg("rtn", nsamples=8, e2e=E2EConfig(epochs=1, lr=1e-2, batch_size=4,
+                                                micro_batch_size=4))
+    model, plain = tiny_moe("mixtral"), tiny_moe("mixtral")
+    tokens = torch.randint(0, 256, (40 * SEQLEN,), generator=torch.Generator().manual_seed(1))
+    records, report = quantize_model(model, None, cfg, tokens, CPU, False)
+    before, _ = quantize_model(plain, None, cfg.replace(e2e=E2EConfig()), tokens, CPU, False)
+    adapter = adapter_for("mixtral")
+    experts = set(adapter.expert_linears(model))
+    assert set(report["e2e"]["frozen"]) == experts and report["e2e"]["best_epoch"] == 1
+    for name, qw in records.items():
+        assert torch.equal(adapter.model_weight(model, name), qw.dequantize()), name
+        assert torch.equal(qw.scale, before[name].scale) == (name in experts), name

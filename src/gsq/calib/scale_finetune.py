@@ -33,6 +33,9 @@ held-out KL than its input.
 GGUF targets. Scales of a record with a target are trained on that type's lattice (its
 projection in the forward). A K-type record whose lattice is not at hand (records read back from
 disk do not carry it) keeps its scales and is listed in the report under `frozen`.
+
+MoE experts. Their weights are slices of fused 3-D parameters, not modules to parametrise: the
+stage keeps their scales (listed under `frozen`) and trains the other linears' (and the norms).
 """
 
 from __future__ import annotations
@@ -207,9 +210,10 @@ class _Trainable:
 def _parametrize(model: nn.Module, adapter: ModelAdapter, records: dict[str, QuantizedWeight],
                  norms: bool, device: torch.device) -> _Trainable:
     scales, frozen = {}, []
+    experts = set(adapter.expert_linears(model))  # slices of fused MoE parameters: kept as is
     for name, qw in records.items():
         storage = scale_storage(qw)
-        if storage is None:
+        if storage is None or name in experts:
             frozen.append(name)
             continue
         if hasattr(storage, "to"):
