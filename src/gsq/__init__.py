@@ -10,7 +10,7 @@ Public surface:
 from gsq.api import QuantizeResult, quantize
 from gsq.config import PRESETS, QuantizeConfig, cpu_preset, gpu_preset, paper_preset
 from gsq.errors import GSQError
-from gsq.io.quantized_dir import load_quantized
+from gsq.models.quantized import load_quantized
 from gsq.quant.quantizers import InitConfig
 from gsq.quant.trainer import TrainConfig
 from gsq.quant.types import QuantizedWeight, QuantSpec

@@ -20,7 +20,8 @@ from gsq.calib.scale_finetune import capture_teacher, scale_finetune
 from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
-from gsq.io.quantized_dir import check_output_path, is_quantized_dir, load_quantized
+from gsq.io.quantized_dir import check_output_path, is_quantized_dir
+from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
 from gsq.models.streaming import open_model
 from gsq.quant.types import QuantizedWeight

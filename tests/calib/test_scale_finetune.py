@@ -186,7 +186,7 @@ def test_streamed_quantize_runs_the_stage_on_its_output(tiny_llama_dir, tmp_path
     the stage, trained scales saved, the saved model's held-out KL the one the report gives."""
     from gsq.api import calibration_tokens, calibration_windows, load_any_model, quantize
     from gsq.data.calibration import load_calibration_text
-    from gsq.io.quantized_dir import load_quantized
+    from gsq.models.quantized import load_quantized
 
     calib = tmp_path / "calib.txt"
     calib.write_text(load_calibration_text("book")[:30_000], encoding="utf-8")

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import gsq.export.compressed_tensors as ct
 from gsq.errors import GSQError
-from gsq.io.quantized_dir import apply_records, is_quantized_dir, load_quantized, save_quantized
+from gsq.io.quantized_dir import is_quantized_dir, save_quantized
+from gsq.models.quantized import apply_records, load_quantized
 from gsq.quant.rtn import rtn_quantize
 from gsq.quant.types import QuantSpec
 

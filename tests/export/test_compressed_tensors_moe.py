@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from gsq.calib.sequential import run_quantization
 from gsq.config import QuantizeConfig
 from gsq.export.compressed_tensors import export_compressed_tensors
-from gsq.io.quantized_dir import load_quantized, load_records, save_quantized
+from gsq.io.quantized_dir import load_records, save_quantized
+from gsq.models.quantized import load_quantized
 from gsq.models.registry import adapter_for
 
 pytest.importorskip("compressed_tensors")

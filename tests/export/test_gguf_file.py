@@ -33,7 +33,8 @@ from gsq.gguf import (
     read_gguf,
     tensor_name,
 )
-from gsq.io.quantized_dir import apply_records, save_quantized
+from gsq.io.quantized_dir import save_quantized
+from gsq.models.quantized import apply_records
 from gsq.quant.rtn import rtn_quantize
 from gsq.quant.types import QuantSpec
 

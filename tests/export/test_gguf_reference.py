@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from gsq.export.gguf_file import export_gguf, write_base_gguf
-from gsq.io.quantized_dir import apply_records, save_quantized
+from gsq.io.quantized_dir import save_quantized
+from gsq.models.quantized import apply_records
 from gsq.quant.rtn import rtn_quantize
 from gsq.quant.target import target_spec
 from gsq.quant.types import QuantSpec

@@ -25,7 +25,8 @@ import torch
 
 from gsq.cli.__main__ import main
 from gsq.gguf import decode_weight, model_hparams, permute_rows, qk_heads, read_gguf, tensor_name
-from gsq.io.quantized_dir import META_FILE, load_quantized
+from gsq.io.quantized_dir import META_FILE
+from gsq.models.quantized import load_quantized
 
 TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q4_0", "Q2_0", "TQ2_0")
 NEEDS_256 = {"Q2_K", "Q3_K", "Q4_K", "TQ2_0"}  # K and TQ types: rows of whole 256-blocks

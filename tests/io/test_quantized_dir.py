@@ -14,14 +14,13 @@ from gsq.io.quantized_dir import (
     CODES_FILE,
     META_FILE,
     REPORT_FILE,
-    apply_records,
     atomic_output_dir,
     check_output_path,
     is_quantized_dir,
-    load_quantized,
     load_records,
     save_quantized,
 )
+from gsq.models.quantized import apply_records, load_quantized
 from gsq.models.registry import adapter_for
 from gsq.quant.trainer import TrainConfig
 

@@ -23,8 +23,9 @@ from gsq.api import load_any_model
 from gsq.errors import GSQError
 from gsq.export.gguf_file import export_gguf
 from gsq.gguf import field_value, read_gguf
-from gsq.io.quantized_dir import apply_records, save_quantized
+from gsq.io.quantized_dir import save_quantized
 from gsq.models.loading import load_base_model
+from gsq.models.quantized import apply_records
 from gsq.quant.rtn import rtn_quantize
 from gsq.quant.types import QuantSpec
 

@@ -142,39 +142,3 @@ def load_records(path: str | Path) -> dict[str, QuantizedWeight]:
         records[name] = QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"].float(),
                                         spec)
     return records
-
-
-def apply_records(model: nn.Module, records: dict[str, QuantizedWeight]) -> None:
-    """Overwrite each quantized linear's weight with its exact dequantized value s·codes.
-
-    Records are named as in the checkpoint; the model's adapter finds their live weights (an MoE
-    expert's projection is a slice of a fused parameter).
-    """
-    from gsq.models.registry import adapter_for
-
-    adapter = adapter_for(model.config.model_type)
-    for name, qw in records.items():
-        try:
-            weight = adapter.model_weight(model, name)
-        except (AttributeError, IndexError) as err:
-            raise GSQError(f"quantized module '{name}' is not part of the model") from err
-        if tuple(weight.shape) != qw.shape:
-            raise GSQError(
-                f"shape mismatch for {name}: model {tuple(weight.shape)}, codes {qw.shape}")
-        with torch.no_grad():
-            weight.copy_(qw.dequantize(weight.dtype))
-
-
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a gsq directory with transformers and rebuild the quantized weights from the codes.
-
-    Returns (model, tokenizer, records).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    records = load_records(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    apply_records(model, records)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model.eval().requires_grad_(False)
-    return model.to(device), tokenizer, records
