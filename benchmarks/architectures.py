@@ -28,8 +28,8 @@ from gsq.api import quantize
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.export.compressed_tensors import export_compressed_tensors
-from gsq.io.quantized_dir import load_quantized
 from gsq.models.loading import peek_architecture
+from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, check_architecture, support_table
 from gsq.models.synthetic import (
     build_random_model,

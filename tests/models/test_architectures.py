@@ -141,7 +141,7 @@ def test_quantize_quantizes_the_linears_only_and_round_trips(quantized, case, me
     """The directory read back two ways: by gsq (`load_quantized`: exact s·codes from the codes
     file) and as a plain transformers checkpoint; both hold s·codes in the 7 linears of every
     block and the source checkpoint's values everywhere else."""
-    from gsq.io.quantized_dir import load_quantized
+    from gsq.models.quantized import load_quantized
 
     source_dir, result = quantized(case, method)
     source = _load_source(source_dir)
@@ -169,7 +169,7 @@ def test_compressed_tensors_export_loads_with_gsqs_logits(quantized, case, tmp_p
     from transformers import AutoModelForCausalLM
 
     from gsq.export.compressed_tensors import export_compressed_tensors
-    from gsq.io.quantized_dir import load_quantized
+    from gsq.models.quantized import load_quantized
 
     _, result = quantized(case, "gsq")
     export_compressed_tensors(result.out, tmp_path / "ct")
