@@ -1,28 +1,19 @@
 #!/usr/bin/env bash
-# Device job (H200): accuracy-table pieces (benchmarks/accuracy_table.py, gpu preset) in three parallel
-# streams, plus a Llama-3.1-8B-shaped random checkpoint generated on the device and quantized with
-# `gsq quantize --method gsq --max-blocks 2 --device cuda` (streamed). Results under /root/acc.
+# Device job (H200): accuracy-table pieces (benchmarks/accuracy_table.py, gpu preset) in parallel
+# streams, and optionally a Llama-3.1-8B-shaped random checkpoint generated on the device and
+# quantized with `gsq quantize --method gsq --max-blocks 2 --device cuda` (streamed).
+#
+#   bash benchmarks/device_accuracy_streams.sh "gsq 2 0" "gsq 2 1" "gptq 3 1;8b"
+#
+# Each argument is one stream: pieces "method bits seed" separated by ';', run one after the
+# other; the piece "8b" is the 8B job (Q8B_FLAGS: extra quantize flags). Results under /root/acc.
 # Run detached from the repo root after the model is joined at /root/smollm2.gguf (RESULTS §12).
-export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 mkdir -p /root/acc
-stream() {  # name, then pieces "method bits seed"
-  local name=$1; shift
-  local piece
-  for piece in "$@"; do
-    read -r m b s <<<"$piece"
-    echo "=== $(date +%T) start $m $b $s" >> /root/acc/$name.log
-    python3 benchmarks/accuracy_table.py --preset gpu --device cuda --methods $m --bits $b \
-      --seeds $s --model /root/smollm2.gguf --data /root/data --json /root/acc/$name.json \
-      >> /root/acc/$name.log 2>&1
-    echo "=== $(date +%T) end $m $b $s rc=$?" >> /root/acc/$name.log
-  done
-}
-stream A "gsq 2 0" "gsq 3 1" "rtn 2 0" "gsq 4 0" &
-stream B "gsq 2 1" "gsq 3 0" "rtn 3 0" "gsq 4 1" &
-stream C "gptq 2 0" "gptq 2 1" "gptq 3 0" "gptq 3 1" "rtn 2 1" "rtn 3 1" "gptq 4 0" "gptq 4 1" "rtn 4 0" "rtn 4 1" &
-(
+
+run_8b() {
   python3 - > /root/acc/r8b.log 2>&1 <<'PY'
-import time, torch
+import time
 from transformers import AutoTokenizer
 from gsq.models.synthetic import random_config, write_random_checkpoint
 t0 = time.time()
@@ -34,10 +25,34 @@ write_random_checkpoint("/root/r8b", cfg, tok, seed=0)
 print("generated in", time.time() - t0, "s")
 PY
   du -sh /root/r8b >> /root/acc/r8b.log
+  # shellcheck disable=SC2086
   /usr/bin/time -v python3 -m gsq.cli quantize /root/r8b --method gsq --max-blocks 2 --device cuda \
-    --preset gpu --out /root/q8b > /root/acc/q8b.log 2>&1
+    --preset gpu $Q8B_FLAGS --out /root/q8b > /root/acc/q8b.log 2>&1
   cp /root/q8b/report.json /root/acc/q8b-report.json 2>/dev/null
   echo done >> /root/acc/q8b.log
-) &
+}
+
+stream() {  # name, then "method bits seed;method bits seed;..." (or "8b")
+  local name=$1 piece m b s
+  IFS=';' read -ra pieces <<<"$2"
+  for piece in "${pieces[@]}"; do
+    echo "=== $(date +%T) start $piece" >> /root/acc/$name.log
+    if [ "$piece" = 8b ]; then
+      run_8b
+    else
+      read -r m b s <<<"$piece"
+      python3 benchmarks/accuracy_table.py --preset gpu --device cuda --methods $m --bits $b \
+        --seeds $s --model /root/smollm2.gguf --data /root/data --json /root/acc/$name.json \
+        >> /root/acc/$name.log 2>&1
+    fi
+    echo "=== $(date +%T) end $piece rc=$?" >> /root/acc/$name.log
+  done
+}
+
+i=0
+for spec in "$@"; do
+  stream "s$i" "$spec" &
+  i=$((i + 1))
+done
 wait
 echo ALLDONE > /root/acc/ALLDONE
