@@ -18,9 +18,11 @@ import torch
 
 from gsq.calib.scale_finetune import capture_teacher, scale_finetune
 from gsq.calib.sequential import active_stages, run_quantization, stage_specs
-from gsq.config import QuantizeConfig
+from gsq.calib.windows import calibration_tokens, calibration_windows
+from gsq.config import QuantizeConfig, resolve_device
 from gsq.errors import GSQError
-from gsq.io.quantized_dir import check_output_path, is_quantized_dir
+from gsq.io.quantized_dir import check_output_path
+from gsq.models.loading import load_any_model
 from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
 from gsq.models.streaming import open_model
@@ -58,47 +60,6 @@ class QuantizeResult:
         if self._records is None:
             self._load()
         return self._records
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GSQError(f"device '{device}' requested but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise GSQError(f"device must be 'cpu' or 'cuda[:N]'; got '{device}'")
-    return torch.device(device)
-
-
-def load_any_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A base model (hub id, HF dir, .gguf, demo alias) or a gsq quantized directory
-    -> (model, tok)."""
-    from gsq.models.loading import load_base_model, resolve_model_source
-
-    if is_quantized_dir(source):
-        model, tokenizer, _ = load_quantized(source, dtype, device)
-        return model, tokenizer
-    return load_base_model(resolve_model_source(source), dtype=dtype, device=device)
-
-
-def calibration_tokens(tokenizer, calib: str | None, chat_template: bool = False):
-    """The calibration spec (`gsq.data.calibration.parse_calib_spec`: files, folders, parts of
-    the bundled mix, datasets, with proportions; None = the bundled mix) tokenized once per
-    source: a 1-D LongTensor for a single source, else a `TokenMix`. With `chat_template`, the
-    text is rendered as conversations in the tokenizer's chat template first."""
-    from gsq.data.calibration import load_calibration_mix
-
-    mix = load_calibration_mix(tokenizer, calib, chat_template)
-    return mix.parts[0][1] if len(mix.parts) == 1 else mix
-
-
-def calibration_windows(tokens, cfg: QuantizeConfig) -> dict[str, torch.Tensor]:
-    """Seeded, disjoint train/val/gptq windows `(n, seqlen)` cut from the token stream (or from
-    each source of a `TokenMix` in proportion)."""
-    from gsq.data.calibration import cut_windows
-
-    counts = {"train": cfg.nsamples, "val": cfg.val_samples, "gptq": cfg.gptq_samples}
-    return cut_windows(tokens, counts, cfg.seqlen, cfg.seed)
 
 
 def bits_per_parameter(records: dict[str, QuantizedWeight]) -> float:

@@ -11,6 +11,8 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
+
 from gsq.errors import GSQError
 from gsq.quant.quantizers import InitConfig
 from gsq.quant.target import fallback_target, parse_target, target_spec, target_type
@@ -216,3 +218,13 @@ def paper_preset(**changes) -> QuantizeConfig:
 
 
 PRESETS = {"cpu": cpu_preset, "gpu": gpu_preset, "paper": paper_preset}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GSQError(f"device '{device}' requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise GSQError(f"device must be 'cpu' or 'cuda[:N]'; got '{device}'")
+    return torch.device(device)

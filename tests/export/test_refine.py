@@ -20,7 +20,7 @@ import torch
 
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
-from gsq.export.gguf_refine import refine_gguf, report_path
+from gsq.refine import refine_gguf, report_path
 from gsq.gguf import (
     decode_tensor,
     model_hparams,

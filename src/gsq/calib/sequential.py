@@ -84,6 +84,13 @@ class BlockContext:
 # carry `make_quantizer(init_cfg, generator)` (e.g. `AffineWeight`). Linears left out are not
 # trained: the provider writes whatever weight they must have into `bc.block` itself.
 InitProvider = Callable[["BlockContext", StageSpec, list[str]], dict[str, Any]]
+# What quantizing one block returns: records by full module name, report entry, next buffers.
+BlockResult = tuple[dict[str, Any], dict, "Buffers"]
+# (block index, block, block call kwargs, its input buffers, quantize) -> the block's result.
+# Wraps the quantization of each block: `quantize()` runs it; the hook may look at the block
+# before and after, and return another result, e.g. revert the block to its initial assignment
+# when it did not get better on held-out inputs (`gsq refine`).
+BlockHook = Callable[[int, nn.Module, dict, "Buffers", Callable[[], BlockResult]], BlockResult]
 
 
 def stage_specs(cfg: QuantizeConfig, stage: StageSpec, prefix: str, block: nn.Module,
@@ -497,9 +504,11 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
                      init_provider: InitProvider | None = None, *,
                      loader: BlockLoader | None = None, sink: BlockSink | None = None,
                      store: ActivationStore | None = None, resume: ResumePoint | None = None,
+                     block_hook: BlockHook | None = None,
                      ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize `model` in place, block by block, on calibration windows {train, val, gptq}
-    `(N, T)`; `init_provider` replaces the GPTQ/RTN initialisation (see `InitProvider`).
+    `(N, T)`; `init_provider` replaces the GPTQ/RTN initialisation (see `InitProvider`),
+    `block_hook` wraps each block's quantization (see `BlockHook`).
 
     loader: where block weights come from (default: the model in memory); sink: receives each
     finished block (then its records are not kept here); store: host activation tensors;
@@ -518,8 +527,12 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
                       initial=run.start, total=n_blocks, disable=not progress):
         block = blocks[index]
         loader.load(index, block, device)
-        block_records, report, next_bufs = quantize_block(block, index, adapter, cfg, bufs, ctx,
-                                                          progress, init_provider)
+
+        def quantize(block=block, index=index, bufs=bufs) -> BlockResult:
+            return quantize_block(block, index, adapter, cfg, bufs, ctx, progress, init_provider)
+
+        block_records, report, next_bufs = (block_hook(index, block, ctx, bufs, quantize)
+                                            if block_hook else quantize())
         if sink is None:
             records.update(block_records)
         else:

@@ -478,7 +478,7 @@ def build_refine_config(args: argparse.Namespace):
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from gsq.export.gguf_refine import refine_gguf, report_path
+    from gsq.refine import refine_gguf, report_path
 
     r = refine_gguf(args.gguf, args.base, args.out, cfg=build_refine_config(args),
                     calib=args.calib, scales=args.scales, device=args.device,

@@ -195,6 +195,18 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def load_any_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A base model (hub id, HF dir, .gguf, demo alias) or a gsq quantized directory
+    -> (model, tok)."""
+    from gsq.io.quantized_dir import is_quantized_dir
+    from gsq.models.quantized import load_quantized
+
+    if is_quantized_dir(source):
+        model, tokenizer, _ = load_quantized(source, dtype, device)
+        return model, tokenizer
+    return load_base_model(resolve_model_source(source), dtype=dtype, device=device)
+
+
 # --------------------------------------------------------------------------------------------
 # The architecture of a source, before any weight is loaded
 
