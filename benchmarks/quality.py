@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from gsq.api import calibration_tokens, load_any_model, quantize_model, resolve_device
+from gsq.api import calibration_tokens, evaluate, load_any_model, quantize_model, resolve_device
 from gsq.config import PRESETS, QuantizeConfig
 from gsq.data.calibration import read_text, tokenize_text
 from gsq.demo import format_table
-from gsq.eval.kl import compare_with_base
 from gsq.quant.trainer import TrainConfig
 from gsq.quant.types import parse_bits
 
@@ -94,8 +93,8 @@ def planned_rows(args) -> list[tuple[str, QuantizeConfig]]:
 def run_row(name, cfg, base_model, tokenizer, calib, eval_tokens, args, device) -> dict:
     model = copy.deepcopy(base_model)
     records, report = quantize_model(model, tokenizer, cfg, calib, device, progress=False)
-    metrics = compare_with_base(model.to(device), base_model.to(device), eval_tokens, args.seqlen,
-                                args.max_tokens, device=str(device))
+    metrics = evaluate(model, eval_tokens, base=base_model, seqlen=args.seqlen,
+                       max_tokens=args.max_tokens, device=str(device))
     kept = sum(k for b in report["blocks"] for s in b["stages"] for k in s.get("kept_init", []))
     row = {"name": name, **metrics, "bpp": report["bpp"], "seconds": report["quantize_seconds"],
            "peak_gib": report["peak_host_rss_gib"], "peak_cuda_gib": report.get("peak_cuda_gib"),
@@ -139,8 +138,8 @@ def main() -> None:
     eval_tokens = tokenize_text(tokenizer, read_text(args.text))
     rows = []
     if not args.no_base:
-        base = compare_with_base(base_model.to(device), base_model.to(device), eval_tokens,
-                                 args.seqlen, args.max_tokens, device=str(device))
+        base = evaluate(base_model, eval_tokens, base=base_model, seqlen=args.seqlen,
+                        max_tokens=args.max_tokens, device=str(device))
         rows.append({"name": "base (fp32)", **base, "bpp": 32.0})
     for name, cfg in planned_rows(args):
         rows.append(run_row(name, cfg, base_model, tokenizer, calib, eval_tokens, args, device))

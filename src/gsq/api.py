@@ -1,8 +1,12 @@
-"""Library entry points: quantize a model from a source, evaluate a model
-(no argument parsing here).
+"""Library entry points (no argument parsing here): `quantize` a model from a source,
+`quantize_model` in memory, `evaluate` a model, `export` a quantized directory, `refine` a
+llama.cpp GGUF file.
 
-    from gsq import quantize, cpu_preset
+    from gsq import quantize, evaluate, cpu_preset
     result = quantize("smollm2-demo", cpu_preset(bits=2, group_size=64), out="smollm2-gsq-2bit")
+    evaluate("smollm2-gsq-2bit", "wiki.test.raw", base="smollm2-demo")
+    from gsq.api import export
+    export("smollm2-gsq-2bit", "smollm2-gsq-2bit.gguf", format="gguf")
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.calib.windows import calibration_tokens, calibration_windows
 from gsq.config import QuantizeConfig, resolve_device
 from gsq.errors import GSQError
+from gsq.eval import evaluate
 from gsq.io.quantized_dir import check_output_path
 from gsq.models.loading import load_any_model
 from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
 from gsq.models.streaming import open_model
 from gsq.quant.types import QuantizedWeight
+from gsq.refine import RefineResult, refine_gguf
 from gsq.run import RunInputs, modules_report, run_streamed
+
+__all__ = ["QuantizeResult", "RefineResult", "calibration_tokens", "calibration_windows",
+           "evaluate", "export", "load_any_model", "quantize", "quantize_model", "refine",
+           "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +263,29 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     if cfg.e2e.epochs:
         report = finetune_output(out, model_source, inputs.windows, cfg, dev, progress)
     return QuantizeResult(None, streamed.tokenizer, None, report, out)
+
+
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
+
+
+def export(qdir: str | Path, out: str | Path, format: str = "gguf", *, overwrite: bool = False,
+           **options) -> dict | None:
+    """Write the quantized directory `qdir` to `out` as a llama.cpp GGUF file (options of
+    `gsq.export.gguf_file.export_gguf`: float_type, type_overrides, lossy; returns its report)
+    or a compressed-tensors directory (option container_bits)."""
+    if format == "gguf":
+        from gsq.export.gguf_file import export_gguf
+
+        return export_gguf(qdir, out, overwrite=overwrite, **options)
+    if format == "compressed-tensors":
+        from gsq.export.compressed_tensors import export_compressed_tensors
+
+        return export_compressed_tensors(qdir, out, overwrite=overwrite, **options)
+    raise GSQError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got '{format}'")
+
+
+def refine(quantized: str | Path, base: str, out: str | Path, **options) -> RefineResult:
+    """Refine the codes of a llama.cpp GGUF file with GSQ against its full-precision `base`
+    (`gsq.refine.refine_gguf`: cfg, calib, scales, device, progress, overwrite,
+    heldout_samples)."""
+    return refine_gguf(quantized, base, out, **options)

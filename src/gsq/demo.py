@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from gsq.config import QuantizeConfig, cpu_preset
 
 log = logging.getLogger(__name__)
@@ -32,23 +30,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_against_base(model, base_model, tokens: torch.Tensor, seqlen: int,
-                          max_tokens: int | None, device: str) -> dict:
-    from gsq.eval.kl import compare_with_base
-
-    return compare_with_base(model.to(device), base_model.to(device), tokens, seqlen, max_tokens,
-                             device=device)
-
-
 def run_demo(bits=2, group_size: int = 64, text: str | None = None, max_tokens: int | None = 16384,
              max_blocks: int | None = None, out_dir: str = "runs/demo", device: str = "cpu",
              progress: bool = True, seqlen: int = 2048) -> list[dict]:
-    from gsq.api import load_any_model, quantize
+    from gsq.api import evaluate, load_any_model, quantize
     from gsq.data.calibration import read_text, tokenize_text
 
     base_model, tokenizer = load_any_model(DEMO_SOURCE)
     tokens = tokenize_text(tokenizer, read_text(text))
-    base = evaluate_against_base(base_model, base_model, tokens, seqlen, max_tokens, device)
+    kw = {"seqlen": seqlen, "max_tokens": max_tokens, "device": device, "progress": progress}
+    base = evaluate(base_model, tokens, base=base_model, **kw)
     rows = [{"name": "base (fp32)", "ppl": base["ppl"], "kl": 0.0, "top1": 1.0, "bpp": 32.0}]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for method in ("rtn", "gptq", "gsq"):
@@ -57,8 +48,7 @@ def run_demo(bits=2, group_size: int = 64, text: str | None = None, max_tokens: 
         out = Path(out_dir) / f"{method}-{bits}bit-g{group_size}"
         result = quantize(DEMO_SOURCE, cfg, out=out, device=device, progress=progress,
                           overwrite=True)
-        metrics = evaluate_against_base(result.model, base_model, tokens, seqlen, max_tokens,
-                                        device)
+        metrics = evaluate(result.model, tokens, base=base_model, **kw)
         r = result.report
         rows.append({"name": f"{method.upper()} {bits}-bit g{group_size}", **metrics,
                      "bpp": r["bpp"], "seconds": r["quantize_seconds"],

@@ -367,3 +367,21 @@ def test_negative_moe_min_tokens(capsys, tiny_llama_dir, calib_file, tmp_path):
     out = tmp_path / "q"
     _assert_user_error(capsys, _quantize_args(tiny_llama_dir, out, calib_file,
                                               "--moe-min-tokens", "-1"), out, "moe_min_tokens")
+
+
+def test_quantize_and_refine_share_the_budget_flags():
+    """The budget flags are declared once: both commands accept the same ones, same defaults."""
+    from gsq.cli.__main__ import build_config, build_parser, build_refine_config
+
+    flags = ["--preset", "gpu", "--nsamples", "8", "--val-samples", "2", "--gptq-samples", "4",
+             "--seqlen", "32", "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "3",
+             "--qk-steps", "5", "--logit-lr", "0.01", "--scale-lr", "1e-5", "--autocast", "bf16",
+             "--logit-travel", "0", "--no-keep-best", "--seed", "7", "--max-blocks", "1"]
+    parser = build_parser()
+    q = build_config(parser.parse_args(["quantize", "m", "--out", "o", *flags]))
+    r = build_refine_config(parser.parse_args(["refine", "f.gguf", "--base", "b", "--out", "o",
+                                               *flags]))
+    budget = ("nsamples", "val_samples", "gptq_samples", "seqlen", "qk_steps", "seed",
+              "max_blocks", "train")
+    assert {k: getattr(q, k) for k in budget} == {k: getattr(r, k) for k in budget}
+    assert q.train.logit_lr == 0.01 and q.train.keep_best is False and q.max_blocks == 1

@@ -79,35 +79,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="gguf or compressed-tensors: a format the result will be exported in; "
                         "the model's architecture is checked for it before any work (--target "
                         "implies gguf)")
-    p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
-                   help="budget defaults that the flags below override (default: cpu)")
-    p.add_argument("--calib", default=None, metavar="SOURCE[:WEIGHT],...",
-                   help="calibration sources with their shares of the windows, e.g. "
-                        "'fiction:0.3,code:0.2,notes.txt:0.5'; a source is a part of the bundled "
-                        "mix (fiction, encyclopedic, technical, code, dialogue, book), a text file "
-                        "or folder, or a dataset (fineweb-edu, c4, wikitext); weights are "
-                        "normalised, none = equal shares (default: 'mix', all five kinds of "
-                        "the bundled mix)")
+    _add_budget_args(p)
     p.add_argument("--chat-template", action="store_true",
                    help="render the calibration text as conversations in the tokenizer's chat "
                         "template (instruct models)")
-    p.add_argument("--nsamples", type=_positive, help="training sequences")
-    p.add_argument("--val-samples", type=_positive, help="held-out calibration sequences")
-    p.add_argument("--gptq-samples", type=_positive, help="sequences for GPTQ Hessians")
-    p.add_argument("--seqlen", type=_positive, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=_positive, help="sequences per optimiser step")
-    p.add_argument("--micro-batch-size", type=_positive, help="sequences per forward (fresh noise)")
-    p.add_argument("--epochs", type=int, help="epochs per stage")
-    p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
-    p.add_argument("--logit-lr", type=float)
-    p.add_argument("--autocast", choices=("bf16", "fp16"),
-                   help="16-bit matmuls in the stage forward/backward (torch.autocast); losses, "
-                        "logits and scales stay fp32")
-    p.add_argument("--scale-lr", type=float)
-    p.add_argument("--logit-travel", type=float,
-                   help="budget-aware logit lr: raise lr so a logit can move this far (0 = off)")
-    p.add_argument("--no-keep-best", action="store_true",
-                   help="keep the last epoch even if the held-out loss rose (reference behaviour)")
     p.add_argument("--e2e-epochs", type=int, default=None,
                    help="end-to-end scale stage after the block loop: passes over the training "
                         "windows training every group scale on KL(full precision || quantized), "
@@ -131,9 +106,6 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="MoE: an expert routed fewer calibration tokens gets GPTQ Hessians over "
                         "all tokens of its layer (GPTQ split) and keeps its initial codes instead "
                         "of GSQ training (train split); listed in report.json (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--max-blocks", type=_positive, help="quantize only the first N blocks")
     p.add_argument("--offload-activations", action="store_true",
                    help="always keep calibration activations on the host between blocks (default: "
                         "on the device when they fit in a quarter of its free memory)")
@@ -144,13 +116,48 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
-def build_config(args: argparse.Namespace):
-    """QuantizeConfig from the preset plus the flags given."""
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    """The calibration data, budget and schedule, shared by `quantize` and `refine`."""
+    p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
+                   help="budget defaults that the flags below override (default: cpu)")
+    p.add_argument("--calib", default=None, metavar="SOURCE[:WEIGHT],...",
+                   help="calibration sources with their shares of the windows, e.g. "
+                        "'fiction:0.3,code:0.2,notes.txt:0.5'; a source is a part of the bundled "
+                        "mix (fiction, encyclopedic, technical, code, dialogue, book), a text file "
+                        "or folder, or a dataset (fineweb-edu, c4, wikitext); weights are "
+                        "normalised, none = equal shares (default: 'mix', all five kinds of "
+                        "the bundled mix)")
+    p.add_argument("--nsamples", type=_positive, help="training sequences")
+    p.add_argument("--val-samples", type=_positive,
+                   help="held-out calibration sequences (best-epoch choice)")
+    p.add_argument("--gptq-samples", type=_positive, help="sequences for GPTQ / Q/K Hessians")
+    p.add_argument("--seqlen", type=_positive, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=_positive, help="sequences per optimiser step")
+    p.add_argument("--micro-batch-size", type=_positive, help="sequences per forward (fresh noise)")
+    p.add_argument("--epochs", type=int, help="epochs per stage")
+    p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
+    p.add_argument("--logit-lr", type=float)
+    p.add_argument("--autocast", choices=("bf16", "fp16"),
+                   help="16-bit matmuls in the stage forward/backward (torch.autocast); losses, "
+                        "logits and scales stay fp32")
+    p.add_argument("--scale-lr", type=float)
+    p.add_argument("--logit-travel", type=float,
+                   help="budget-aware logit lr: raise lr so a logit can move this far (0 = off)")
+    p.add_argument("--no-keep-best", action="store_true",
+                   help="keep the last epoch even if the held-out loss rose (reference behaviour)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-blocks", type=_positive, help="only the first N blocks")
+
+
+def _budget(args: argparse.Namespace, **preset_args):
+    """(preset config, its TrainConfig changed by the flags, QuantizeConfig changes) of the
+    budget flags (`_add_budget_args`)."""
     import dataclasses
 
     from gsq.config import PRESETS
 
-    base = PRESETS[args.preset](method=args.method)
+    base = PRESETS[args.preset](**preset_args)
     train_changes = {k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "logit_lr": args.logit_lr,
@@ -162,16 +169,22 @@ def build_config(args: argparse.Namespace):
     changes = {k: v for k, v in {
         "nsamples": args.nsamples, "val_samples": args.val_samples,
         "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
-        "max_blocks": args.max_blocks, "moe_min_tokens": args.moe_min_tokens}.items()
-        if v is not None}
+        "max_blocks": args.max_blocks}.items() if v is not None}
+    return base, dataclasses.replace(base.train, **train_changes), {"seed": args.seed, **changes}
+
+
+def build_config(args: argparse.Namespace):
+    """QuantizeConfig from the preset plus the flags given."""
     try:
+        base, train, changes = _budget(args, method=args.method)
+        if args.moe_min_tokens is not None:
+            changes["moe_min_tokens"] = args.moe_min_tokens
         cfg = base.replace(
             method=args.method, bits=2 if args.bits is None else args.bits,
             group_size=args.group_size or 128, init=args.init, act_order=args.act_order,
             scope=args.scope, skip=tuple(args.skip), bits_overrides=tuple(args.bits_override),
-            seed=args.seed, offload_activations=_offload_choice(args),
-            train=dataclasses.replace(base.train, **train_changes), e2e=_e2e_config(base, args),
-            **changes)
+            offload_activations=_offload_choice(args), train=train,
+            e2e=_e2e_config(base, args), **changes)
         return _with_target(cfg, args)
     except ValueError as err:
         raise GSQError(str(err)) from err
@@ -251,7 +264,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base model for KL divergence and top-1 agreement")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the result as JSON here")
-    p.add_argument("--engine", choices=ENGINES, default="auto",
+    p.add_argument("--engine", choices=("auto", "transformers", "llama.cpp"), default="auto",
                    help="who runs a .gguf model: transformers (dequantized to fp32; types its "
                         "GGUF reader lacks, e.g. Q2_0, decoded by gsq) or llama.cpp "
                         "(llama-cpp-python, CPU; a .gguf --base runs there too). "
@@ -259,108 +272,21 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="llama.cpp engine: tokenize the text with this model's HF tokenizer "
                         "(default: the one transformers builds from the .gguf file)")
-    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+    p.add_argument("--numerics", choices=("exact", "llama.cpp"), default="exact",
                    help="transformers engine, .gguf model: 'llama.cpp' rounds activations and "
                         "attention as llama.cpp's CPU backend does (8-bit activations per the "
                         "weight type, fp16 KV cache), to predict llama.cpp's perplexity and "
                         "tell its rounding apart from an export error. Default: exact fp32")
 
 
-ENGINES = ("auto", "transformers", "llama.cpp")
-NUMERICS = ("exact", "llama.cpp")
-
-
-def choose_engine(engine: str, model_source: str) -> str:
-    """'transformers' or 'llama.cpp' for `gsq eval --engine` (see its help).
-
-    auto is transformers for every model: gsq reads every GGUF type it writes (Q2_0 included,
-    `gsq.models.gguf_decoded`)."""
-    if engine == "llama.cpp" and not model_source.lower().endswith(".gguf"):
-        raise GSQError(f"--engine llama.cpp needs a .gguf model file; got '{model_source}'")
-    return "transformers" if engine == "auto" else engine
-
-
-def evaluate_llamacpp(model_source: str, text: str, seqlen: int, max_tokens: int | None,
-                      base: str | None, device: str, progress: bool,
-                      tokenizer: str | None = None) -> dict:
-    """`gsq eval` through llama.cpp: the model (and a .gguf base) run by llama-cpp-python; any
-    other base by transformers on `device`. Same windows and metrics as the transformers path."""
-    from gsq.api import load_any_model, resolve_device
-    from gsq.data.calibration import read_text, tokenize_text
-    from gsq.eval.kl import compare_with_base
-    from gsq.eval.llamacpp import LlamaCppModel, check_same_vocab, load_eval_tokenizer
-    from gsq.eval.perplexity import perplexity
-
-    model = LlamaCppModel(model_source, n_ctx=seqlen)
-    tokens = tokenize_text(load_eval_tokenizer(model_source, tokenizer), read_text(text))
-    if base is None:
-        return perplexity(model, tokens, seqlen, max_tokens, device="cpu", progress=progress)
-    dev = resolve_device(device)
-    if base.lower().endswith(".gguf"):
-        base_model, dev = LlamaCppModel(base, n_ctx=seqlen), resolve_device("cpu")
-    else:
-        base_model, _ = load_any_model(base, device=str(dev))
-    check_same_vocab(model, base_model)
-    return compare_with_base(model, base_model, tokens, seqlen, max_tokens, device=str(dev),
-                             progress=progress)
-
-
-def evaluate(model_source: str, text: str, seqlen: int, max_tokens: int | None,
-             base: str | None, device: str, progress: bool, engine: str = "transformers",
-             tokenizer: str | None = None, numerics: str = "exact") -> dict:
-    if choose_engine(engine, model_source) == "llama.cpp":
-        if numerics != "exact":
-            raise GSQError("--numerics applies to the transformers engine only (llama.cpp "
-                           "computes with its own numerics)")
-        return evaluate_llamacpp(model_source, text, seqlen, max_tokens, base, device, progress,
-                                 tokenizer)
-    if tokenizer is not None:
-        raise GSQError("--tokenizer applies to the llama.cpp engine only")
-    from gsq.api import load_any_model, resolve_device
-    from gsq.data.calibration import read_text, tokenize_text
-    from gsq.eval.kl import compare_with_base
-    from gsq.eval.perplexity import perplexity
-
-    tensor_types = _gguf_tensor_types(model_source) if numerics == "llama.cpp" else None
-    dev = resolve_device(device)
-    model, tokenizer = load_any_model(model_source, device=str(dev))
-    tokens = tokenize_text(tokenizer, read_text(text))
-    base_model = load_any_model(base, device=str(dev))[0] if base is not None else None
-    with _numerics(model, tensor_types):
-        if base_model is None:
-            return perplexity(model, tokens, seqlen, max_tokens, device=str(dev),
-                              progress=progress)
-        return compare_with_base(model, base_model, tokens, seqlen, max_tokens,
-                                 device=str(dev), progress=progress)
-
-
-def _gguf_tensor_types(model_source: str) -> dict:
-    """GGUF tensor name -> type of the .gguf file `--numerics llama.cpp` emulates."""
-    from gsq.gguf import read_gguf
-
-    if not model_source.lower().endswith(".gguf"):
-        raise GSQError(f"--numerics llama.cpp needs a .gguf model (its tensor types decide how "
-                       f"llama.cpp rounds activations); got '{model_source}'")
-    return {t.name: t.type_name for t in read_gguf(model_source)[1]}
-
-
-def _numerics(model, tensor_types: dict | None):
-    """A context in which `model` computes as llama.cpp would run a file with `tensor_types`
-    (None: unchanged, exact fp32)."""
-    if tensor_types is None:
-        return contextlib.nullcontext()
-    from gsq.eval.llamacpp_numerics import linear_roundings, llamacpp_numerics
-
-    roundings = linear_roundings(model, tensor_types)
-    return llamacpp_numerics(model, roundings)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from gsq.eval import evaluate
+
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise GSQError(f"folder of --json '{args.json}' does not exist")
-    result = evaluate(args.model, args.text, args.seqlen, args.max_tokens, args.base, args.device,
-                      not args.quiet, engine=args.engine, tokenizer=args.tokenizer,
-                      numerics=args.numerics)
+    result = evaluate(args.model, args.text, tokenizer=args.tokenizer, base=args.base,
+                      seqlen=args.seqlen, max_tokens=args.max_tokens, device=args.device,
+                      progress=not args.quiet, engine=args.engine, numerics=args.numerics)
     line = json.dumps(result)
     print(line)
     if args.json:
@@ -399,11 +325,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         if args.container_bits is not None:
             raise GSQError("--container-bits applies to --format compressed-tensors only")
-        from gsq.export.gguf_file import export_gguf
+        from gsq.api import export
 
-        r = export_gguf(args.qdir, args.out, float_type=args.float_type or "F16",
-                        type_overrides=dict(args.type), lossy=args.lossy,
-                        overwrite=args.overwrite)
+        r = export(args.qdir, args.out, "gguf", float_type=args.float_type or "F16",
+                   type_overrides=dict(args.type), lossy=args.lossy, overwrite=args.overwrite)
         types = ", ".join(f"{n} {t}" for t, n in r["tensor_types"].items())
         bpw = f"{r['quantized_bpw']:.3f}" if r["quantized_bpw"] is not None else "-"
         inexact = f", {len(r['inexact'])} rounded (--lossy)" if r["inexact"] else ""
@@ -414,10 +339,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                                          ("--lossy", args.lossy)) if used]
     if gguf_only:
         raise GSQError(f"{', '.join(gguf_only)}: for --format gguf only")
-    from gsq.export.compressed_tensors import export_compressed_tensors
+    from gsq.api import export
 
-    export_compressed_tensors(args.qdir, args.out, container_bits=args.container_bits,
-                              overwrite=args.overwrite)
+    export(args.qdir, args.out, "compressed-tensors", container_bits=args.container_bits,
+           overwrite=args.overwrite)
     print(f"exported {args.qdir} as compressed-tensors -> {args.out}")
     return 0
 
@@ -428,62 +353,32 @@ def _add_refine_args(p: argparse.ArgumentParser) -> None:
                    help="its full-precision model: HF id or folder, a .gguf, or 'smollm2-demo'")
     p.add_argument("--out", required=True, help="refined .gguf (same size and tensor types; "
                                                 "written atomically, report in OUT.refine.json)")
-    p.add_argument("--calib", default=None, metavar="SOURCE[:WEIGHT],...",
-                   help="calibration sources with shares, as `gsq quantize --calib` "
-                        "(default: the bundled mix)")
-    p.add_argument("--preset", choices=("cpu", "gpu", "paper"), default="cpu",
-                   help="budget defaults that the flags below override (default: cpu)")
+    _add_budget_args(p)
     p.add_argument("--scales", choices=("frozen", "train"), default="frozen",
                    help="frozen: only codes change (default); train: Q2_K sub-block scales are "
                         "trained too and re-encoded on their 4-bit lattice")
-    for flag, what in (("--nsamples", "training sequences"),
-                       ("--val-samples", "held-out sequences (best-epoch choice)"),
-                       ("--gptq-samples", "sequences for the Q/K Hessians"),
-                       ("--seqlen", "tokens per sequence"),
-                       ("--batch-size", "sequences per optimiser step"),
-                       ("--micro-batch-size", "sequences per forward (fresh noise)")):
-        p.add_argument(flag, type=_positive, help=what)
-    p.add_argument("--epochs", type=int, help="epochs per stage")
-    p.add_argument("--qk-steps", type=int, help="steps of the Q/K quadratic stage")
-    p.add_argument("--autocast", choices=("bf16", "fp16"),
-                   help="16-bit matmuls in the stage forward/backward (as `gsq quantize`)")
     p.add_argument("--heldout-samples", type=int, default=None,
                    help="extra windows to compare block outputs of the input and the refined "
                         "file with the base (default: --val-samples; 0 = skip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-blocks", type=_positive, help="refine only the first N blocks")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def build_refine_config(args: argparse.Namespace):
     """QuantizeConfig (budget and schedule) of `gsq refine` from the preset plus the flags."""
-    import dataclasses
-
-    from gsq.config import PRESETS
-
-    base = PRESETS[args.preset]()
-    train = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
-                               "micro_batch_size": args.micro_batch_size,
-                               "autocast": args.autocast}.items() if v is not None}
-    changes = {k: v for k, v in {
-        "nsamples": args.nsamples, "val_samples": args.val_samples,
-        "gptq_samples": args.gptq_samples, "seqlen": args.seqlen, "qk_steps": args.qk_steps,
-        "max_blocks": args.max_blocks}.items() if v is not None}
     try:
-        return base.replace(seed=args.seed, train=dataclasses.replace(base.train, **train),
-                            **changes)
+        base, train, changes = _budget(args)
+        return base.replace(train=train, **changes)
     except ValueError as err:
         raise GSQError(str(err)) from err
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from gsq.refine import refine_gguf, report_path
+    from gsq.api import refine
+    from gsq.refine import report_path
 
-    r = refine_gguf(args.gguf, args.base, args.out, cfg=build_refine_config(args),
-                    calib=args.calib, scales=args.scales, device=args.device,
-                    progress=not args.quiet, overwrite=args.overwrite,
-                    heldout_samples=args.heldout_samples).report
+    r = refine(args.gguf, args.base, args.out, cfg=build_refine_config(args), calib=args.calib,
+               scales=args.scales, device=args.device, progress=not args.quiet,
+               overwrite=args.overwrite, heldout_samples=args.heldout_samples).report
     types = ", ".join(f"{n} {t}" for t, n in r["refined_types"].items()) or "none"
     kept = ", ".join(f"{n} {t}" for t, n in r["passthrough_types"].items()) or "none"
     errors = "; ".join(f"block {h['block']} {h['file_rel_mse']:.4g} -> {h['refined_rel_mse']:.4g}"
