@@ -15,7 +15,6 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-
 def tokenizer_kv_from_gguf(path: str | Path, n_vocab: int) -> list[KeyValue]:
     """Every `tokenizer.*` key of a GGUF file, to copy verbatim (B.2's practical rule)."""
     from gguf import GGUFValueType
