@@ -2,14 +2,15 @@
 (method §13.1, GGUF K-Quant refinement).
 
 Pipeline (`refine_gguf`):
-  1. read the file and each tensor's byte offset; only the `llama` architecture;
+  1. read the file and each tensor's byte offset; architectures of `gsq.gguf.ARCHITECTURES`;
   2. load the full-precision base model (HF id or folder, .gguf, 'smollm2-demo'), map every GGUF
      tensor to its HF parameter (`gsq.gguf.tensor_name`) and check names, shapes and head counts;
   3. make the in-memory model the file's model, except the linears of the blocks to refine, which
      stay full precision until their block is done (their block gives the FP targets): embeddings,
      norms, the output matrix and later blocks hold the file's decoded values, so each block's
      inputs come from the already-refined prefix exactly as llama.cpp would compute them;
-  4. run the block loop (`calib.sequential.run_quantization`) with an init provider: a
+  4. run the one block loop (`calib.sequential.run_quantization`) with two plug-ins
+     (`gsq.refine.plan.make_provider`, `gsq.refine.accept.BlockAcceptance`): an init provider: a
      block linear whose type has integer codes (`REFINABLE_TYPES`: Q2_K ... Q6_K, Q4_0/Q4_1,
      Q5_0/Q5_1/Q5_K, Q8_0, TQ*) starts from the file's codes and per-sub-block (scale, min)
      (`AffineWeight`: full relaxation for types of <= 4 codes, ±2 shifts otherwise; scales frozen,
@@ -17,10 +18,11 @@ Pipeline (`refine_gguf`):
      llama.cpp's interleaved rotary order to HF's. Any other linear is written into its block as
      decoded and stays fixed (passed through). The trainer keeps the best of {file, epochs} by
      held-out hard loss, so a stage never ends worse than the file on held-out data (for Q/K: on
-     its quadratic proxy). Whole-block acceptance: after a block is refined, its output on held-out
-     inputs (the test windows, else val) is compared with the full-precision block's on the same
-     inputs; unless it is closer than the file's assignment, the block goes back to the file's
-     codes and scales (`reverted_blocks` in the report) before its outputs feed the next block;
+     its quadratic proxy). Whole-block acceptance, a block hook: after a block is refined, its
+     output on held-out inputs (the test windows, else val) is compared with the full-precision
+     block's on the same inputs; unless it is closer than the file's assignment, the block goes
+     back to the file's codes and scales (`reverted_blocks` in the report) before its outputs
+     feed the next block;
   5. encode each refined tensor in its own type (`encode_assignment`), check that it decodes to the
      weight gsq trained and evaluated, and patch its bytes into a copy of the file: same offsets,
      same size, every other byte (metadata, other tensors, padding) identical. The file is written
