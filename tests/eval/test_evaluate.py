@@ -35,7 +35,9 @@ def test_saved_model_and_text_file(tiny_llama_dir, byte_tokenizer, tiny_llama, t
                    progress=False)
     assert got["kl"] == pytest.approx(0.0, abs=1e-9) and got["top1"] == 1.0
     same = evaluate(tiny_llama(0), text, tokenizer=byte_tokenizer, seqlen=64, progress=False)
-    assert same["ppl"] == got["ppl"] == perplexity(tiny_llama(0), ids, 64, progress=False)["ppl"]
+    assert same == perplexity(tiny_llama(0), ids, 64, progress=False)
+    # the KL pass computes the perplexity in its own chunks: equal up to float rounding
+    assert got["ppl"] == pytest.approx(same["ppl"], rel=1e-6)
 
 
 def test_refusals(tiny_llama, tiny_llama_dir, tmp_path):
