@@ -30,14 +30,14 @@ def _block_map(adapter, block: nn.Module, ctx: dict, x: Tensor, micro: int, devi
         return map_batches(lambda h: adapter.block_forward(block, h, ctx), x, micro, device)
 
 
-def revert_block(plan: Plan, prefix: str, block: nn.Module) -> dict[str, AffineWeight]:
+def revert_block(plan: Plan, adapter, prefix: str, block: nn.Module) -> dict[str, AffineWeight]:
     """Write the file's values into the refined linears of `block` (HF module names `prefix` +
     name); returns their file records by full module name (encoded, they are the input bytes)."""
     records = {}
     for name, linear in plan.block(prefix).items():
         if not linear.refine:
             continue
-        weight = block.get_submodule(name).weight
+        weight = adapter.weight(block, name)
         with torch.no_grad():
             weight.copy_(linear.values().to(weight.device, weight.dtype))
         records[linear.module] = linear.record()
@@ -64,12 +64,13 @@ def accept_block(plan: Plan, adapter, block: nn.Module, ctx: dict, prefix: str, 
     """
     out = _block_map(adapter, block, ctx, x, micro, device)
     file_values = {n: lin.values() for n, lin in plan.block(prefix).items() if lin.refine}
-    with _swapped(block, file_values):
+    with _swapped(adapter, block, file_values):
         file_out = _block_map(adapter, block, ctx, x, micro, device)
     entry = {"file_rel_mse": _rel_mse(file_out, fp_out), "refined_rel_mse": _rel_mse(out, fp_out),
              "reverted": False}
     if entry["refined_rel_mse"] >= entry["file_rel_mse"] and not _same_as_file(plan, records):
-        records, out, entry["reverted"] = revert_block(plan, prefix, block), file_out, True
+        records = revert_block(plan, adapter, prefix, block)
+        out, entry["reverted"] = file_out, True
     return records, entry, out
 
 
@@ -114,17 +115,21 @@ class BlockAcceptance:
 
 
 @contextmanager
-def _swapped(module: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
-    """Weights of `module`'s linears temporarily replaced by `values` (by linear name)."""
-    saved = {name: module.get_submodule(name).weight.data for name in values}
+def _swapped(adapter, block: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """Weights of `block`'s linears temporarily overwritten by `values` (by linear name), through
+    the adapter's live weights (an MoE expert's is a slice of a fused parameter)."""
+    saved = {name: adapter.weight(block, name).detach().clone() for name in values}
     try:
-        for name, value in values.items():
-            weight = module.get_submodule(name).weight
-            weight.data = value.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            for name, value in values.items():
+                weight = adapter.weight(block, name)
+                weight.copy_(value.to(weight.device, weight.dtype))
         yield
     finally:
-        for name, value in saved.items():
-            module.get_submodule(name).weight.data = value
+        with torch.no_grad():
+            for name, value in saved.items():
+                weight = adapter.weight(block, name)
+                weight.copy_(value.to(weight.device))
 
 
 @torch.no_grad()
@@ -143,7 +148,7 @@ def block_outputs(model: nn.Module, adapter, ids: Tensor, n_blocks: int, device:
         for module in embeds:
             module.to("cpu")
     for i, block in enumerate(list(adapter.blocks(model))[:n_blocks]):
-        with _swapped(block, swap(i) if swap else {}):
+        with _swapped(adapter, block, swap(i) if swap else {}):
             block.to(device)
             h = map_batches(lambda x, b=block: adapter.block_forward(b, x, ctx), h, micro, device)
             block.to("cpu")

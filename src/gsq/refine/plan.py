@@ -191,7 +191,7 @@ def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: Plan,
             param.copy_(values.reshape(param.shape).to(param.dtype))
 
 
-def make_provider(plan: Plan):
+def make_provider(plan: Plan, adapter):
     """The block loop's init provider: the file's records for refined linears; passed-through
     linears are written into the block as decoded (and left out, so they are not trained)."""
     def provide(bc, stage, names: list[str]) -> dict[str, AffineWeight]:
@@ -201,7 +201,7 @@ def make_provider(plan: Plan):
             if linear.refine:
                 init[name] = linear.record().to(bc.device)
                 continue
-            weight = bc.block.get_submodule(name).weight
+            weight = adapter.weight(bc.block, name)
             with torch.no_grad():
                 weight.copy_(linear.values().to(weight.device, weight.dtype))
         return init

@@ -135,7 +135,7 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     file_errors = heldout.errors(file_swap(plan, adapter)) if heldout else []
     acceptance = BlockAcceptance(plan, adapter, model, test, micro, dev)
     records, run = run_quantization(model, adapter, windows, cfg, dev, progress,
-                                    make_provider(plan), block_hook=acceptance)
+                                    make_provider(plan, adapter), block_hook=acceptance)
     run["reverted_blocks"] = acceptance.reverted
     model.to("cpu")
     patches, refined = encode_all(plan, records)
