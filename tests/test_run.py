@@ -131,3 +131,41 @@ def test_user_error_mid_run_removes_the_partial_directory(model_dir, calib, tmp_
     with pytest.raises(GSQError, match="not finite"):
         quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_activations_over_the_host_budget_spill_to_disk_with_the_same_result(model_dir, calib,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    from gsq.calib.cache import ActivationStore
+
+    in_ram = quantize(str(model_dir), _cfg(), calib=str(calib), out=tmp_path / "ram",
+                      progress=False)
+    assert in_ram.report["activations"] == "memory"
+    spilled = []
+    real = ActivationStore.empty
+
+    def empty(self, shape, dtype=torch.float32):
+        tensor = real(self, shape, dtype)
+        spilled.append(self.on_disk)
+        return tensor
+
+    monkeypatch.setattr(ActivationStore, "empty", empty)
+    on_disk = quantize(str(model_dir), _cfg(), calib=str(calib), out=tmp_path / "disk",
+                       progress=False, max_host_memory=0.01)
+    assert on_disk.report["activations"] == "disk"
+    assert on_disk.report["plan"]["predicted"]["activations_spilled"]
+    assert spilled and all(spilled)
+    assert _files(tmp_path / "disk") == _files(tmp_path / "ram")
+
+
+def test_report_has_the_plan_beside_the_measurements(model_dir, calib, tmp_path):
+    report = quantize(str(model_dir), _cfg(method="rtn"), calib=str(calib), out=tmp_path / "q",
+                      progress=False).report
+    predicted, measured = report["plan"]["predicted"], report["plan"]["measured"]
+    assert measured["peak_host_gib"] == report["peak_host_rss_gib"]
+    assert measured["seconds_per_block"] == pytest.approx(
+        sum(b["seconds"] for b in report["blocks"]) / 3)
+    for key in ("peak_host_gib", "seconds_per_block", "disk_output_gib"):
+        assert predicted[key] > 0 and measured[key] > 0, key
+    written = sum(p.stat().st_size for p in (tmp_path / "q").glob("*.safetensors"))
+    assert measured["disk_output_gib"] * 2**30 == pytest.approx(written, rel=0.01)

@@ -26,11 +26,13 @@ from gsq.calib.windows import calibration_tokens, calibration_windows
 from gsq.config import QuantizeConfig, resolve_device
 from gsq.errors import GSQError
 from gsq.eval import evaluate
+from gsq.io.partial import partial_path
 from gsq.io.quantized_dir import check_output_path
 from gsq.models.loading import load_any_model
 from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
 from gsq.models.streaming import open_model
+from gsq.plan import compare_plan, plan_for
 from gsq.quant.types import QuantizedWeight
 from gsq.refine import RefineResult, refine_gguf
 from gsq.run import RunInputs, modules_report, run_streamed
@@ -220,11 +222,14 @@ def check_source_architecture(model_source: str, cfg: QuantizeConfig,
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
              out: str | Path | None = None, device: str | None = "cpu", progress: bool = True,
              overwrite: bool = False, resume: bool = False,
-             export_formats: tuple[str, ...] = (), chat_template: bool = False) -> QuantizeResult:
+             export_formats: tuple[str, ...] = (), chat_template: bool = False,
+             max_host_memory: float | None = None) -> QuantizeResult:
     """Quantize a model streamed from disk block by block and write the quantized directory to
     `out` (see `gsq.run`); without `out`, into a temporary directory whose model is loaded.
 
     resume: continue the partial run `OUT.partial` a killed run left (or start one).
+    max_host_memory: host budget in GiB (default: 3/4 of the machine's memory); calibration
+    activations go to memory-mapped files in `OUT.partial` when the planned peak exceeds it.
     export_formats: formats the result will be exported in ("gguf", "compressed-tensors"),
     checked against the architecture before any work, as a GGUF `cfg.target` is.
     calib: a calibration spec (`calibration_tokens`); chat_template: render it as conversations
@@ -234,7 +239,8 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     if out is None:
         with tempfile.TemporaryDirectory(prefix="gsq-quantize-") as tmp:
             result = quantize(model_source, cfg, calib, Path(tmp) / "model", device, progress,
-                              export_formats=export_formats, chat_template=chat_template)
+                              export_formats=export_formats, chat_template=chat_template,
+                              max_host_memory=max_host_memory)
             return QuantizeResult(result.model, result.tokenizer, result.records, result.report,
                                   None)
     t0 = time.perf_counter()
@@ -248,7 +254,12 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     check_module_specs(streamed.model, adapter, cfg)
     tokens = calibration_tokens(streamed.tokenizer, calib, chat_template)
     inputs = RunInputs(streamed, adapter, calibration_windows(tokens, cfg), cfg, dev)
-    on_disk = False
+    predicted = plan_for(streamed.model, adapter, cfg, dev, max_host_memory)
+    on_disk = predicted["activations_spilled"]
+    if on_disk:
+        log.info("activations (%.2f GiB at the peak) exceed the host budget of %.2f GiB: "
+                 "memory-mapped files in %s", predicted["activation_gib"],
+                 predicted["host_budget_gib"], partial_path(out))
 
     def complete_report(report: dict, modules: dict) -> dict:
         report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
@@ -257,6 +268,7 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
                        "model": model_source, "calib": calib or "mix",
                        "chat_template": chat_template, "wall_seconds": time.perf_counter() - t0,
                        **peak_memory(dev), **moe_report(cfg, report)})
+        report["plan"] = compare_plan(predicted, report, partial_path(out))
         return report
 
     report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report)

@@ -112,8 +112,31 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-activations-on-device", action="store_true",
                    help="keep calibration activations on the GPU between blocks (faster, uses "
                         "more GPU memory)")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--max-host-memory", type=_gib, default=None, metavar="GIB",
+                   help="host memory budget in GiB: calibration activations go to memory-mapped "
+                        "files in OUT.partial/ when the planned peak would exceed it (default: "
+                        "3/4 of the machine's or the container's memory)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True,
+                   help="output directory (built in OUT.partial/, renamed to OUT at the end)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and discard a partial run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the partial run OUT.partial/ that a killed or interrupted run "
+                        "left (refused if the config, model or calibration text changed); "
+                        "starts from block 0 if there is none")
+
+
+def _gib(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB; got {value}")
+    return number
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -223,7 +246,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize(args.model, cfg, calib=args.calib, out=args.out, device=args.device,
                       progress=not args.quiet, overwrite=args.overwrite,
                       export_formats=tuple(args.export_format),
-                      chat_template=args.chat_template)
+                      chat_template=args.chat_template, resume=args.resume,
+                      max_host_memory=args.max_host_memory)
     r = result.report
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.target)
     print(f"quantized {r['quantized_tensors']} tensors of "
@@ -245,6 +269,18 @@ def _moe_line(moe: dict) -> str:
     starved = "; ".join(parts) if parts else "none"
     return (f"MoE: {moe['experts']} experts; routed fewer than {moe['min_tokens']} calibration "
             f"tokens: {starved} (per-expert token counts in report.json)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gsq.plan import format_plan, plan_source
+
+    cfg = build_config(args)
+    result = plan_source(args.model, cfg, device=args.device,
+                         host_budget_gib=args.max_host_memory)
+    print(format_plan(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 def _fallback_line(target: str, types: dict[str, int], fallback: dict[str, str]) -> str:
@@ -407,7 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_quantize_args(sub.add_parser("quantize", help="quantize a model"))
+    quantize = sub.add_parser("quantize", help="quantize a model")
+    _add_quantize_args(quantize)
+    _add_output_args(quantize)
+    plan = sub.add_parser("plan", help="predict the memory, disk and time a quantize run needs "
+                                       "(from the model's config; no weights read)")
+    _add_quantize_args(plan)
+    plan.add_argument("--json", default=None, help="write the plan as JSON here")
     _add_eval_args(sub.add_parser("eval", help="perplexity, KL and top-1 agreement"))
     _add_export_args(sub.add_parser("export", help="write a quantized directory as GGUF "
                                                    "(llama.cpp) or compressed-tensors"))
@@ -455,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # also bars that bypass transformers' switch (GGUF load)
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export,
+    handlers = {"quantize": cmd_quantize, "plan": cmd_plan, "eval": cmd_eval, "export": cmd_export,
                 "demo": cmd_demo, "refine": cmd_refine}
     try:
         with _interrupt_on_sigterm():

@@ -1,9 +1,10 @@
 """The quantized-model directory: what `gsq quantize` writes and `gsq eval` / transformers read.
 
 Layout:
-  config.json, model.safetensors, tokenizer files
-      a plain Hugging Face checkpoint whose quantized linears hold the dequantized
-      weights W_r = s·codes
+  config.json, model safetensors (one file, or one shard per block with an index), tokenizer files
+      a plain Hugging Face checkpoint whose quantized linears hold the dequantized weights
+      W_r = s·codes in the checkpoint's dtype (`gsq quantize` keeps the source's: exact in fp32,
+      the nearest bf16 value in bf16; `load_quantized` rebuilds the exact values from the codes)
   gsq_codes.safetensors
       "<module>.codes" int8 (out, in) and "<module>.scale" bfloat16 (out, in / group_size);
       float32 scales for modules with a GGUF target (lattice values d*k need not be bf16 values)
@@ -12,8 +13,9 @@ Layout:
       target type, when there is one)
   report.json
       per block/stage losses and times; totals
-The directory is written under a temporary name next to the target and renamed at the end, so an
-interrupted or failed run leaves nothing at the target path.
+`save_quantized` writes a model held in memory under a temporary name next to the target and
+renames it at the end; `gsq quantize` builds its output block by block in `OUT.partial/`
+(`gsq.io.partial`). Either way an interrupted or failed run leaves nothing at the target path.
 """
 
 from __future__ import annotations

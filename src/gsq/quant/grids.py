@@ -37,7 +37,7 @@ def _candidate_scales(xmax: Tensor, spec: QuantSpec, grid=to_bf16_grid) -> Tenso
     return grid(factors.view(-1, 1, 1) * xmax.unsqueeze(0))
 
 
-def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**25,
+def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**24,
                         grid=to_bf16_grid) -> Tensor:
     """Signed MSE-shrink scale search for groups `x` of shape `(rows, n_groups, g)`.
 
@@ -45,7 +45,9 @@ def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**25,
     sum |s·q - x|^2.4 (the first on ties, in the order p = 1.00 → 0.21, + before -). A negative s
     flips the asymmetric 2-bit grid {-2..1} to {-1..2}. All-zero groups use max|x| = 1 so the scale
     stays finite and non-zero (pitfall P3). Candidates are evaluated in chunks of at most
-    `max_elements` values at once (no host sync). Returns fp32 scales `(rows, n_groups)` on the
+    `max_elements` values at once (no host sync; 2**24: temporaries of 64 MB, above glibc's
+    largest mmap threshold so they go back to the system when freed, and as fast on CPU as larger
+    chunks). Returns fp32 scales `(rows, n_groups)` on the
     bfloat16 grid, or on `grid`'s values (a rounding function, e.g. to fp16 for GGUF targets).
     """
     x = x.float()

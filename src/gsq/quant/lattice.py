@@ -116,7 +116,7 @@ class KLattice:
         ratio = scale.float() / step
         return step * _valid_k(torch.round(ratio), ratio, kmin, kmax)
 
-    def search(self, x: Tensor, first: int = 0, max_elements: int = 2**25) -> Tensor:
+    def search(self, x: Tensor, first: int = 0, max_elements: int = 2**24) -> Tensor:
         """Best lattice scales `(rows, n)` for groups `x` `(rows, n, g)`, which are the groups
         `first .. first + n - 1` of each row: every allowed k tried, least sum |s*q - x|^2.4."""
         x = x.float()

@@ -1,0 +1,337 @@
+"""`gsq plan`: what a quantize run will need, predicted before it starts from the model's config
+and the run config alone (no weights are read).
+
+The model is built on the meta device (shapes only) and the adapter names the quantized linears
+of each stage. Memory counts what the block loop holds at its peaks: the current block in fp32 and
+its original weights, the stored-dtype tensors being read or written, a stage's Hessians (GPTQ) or
+training state (GSQ: logits, gradients, optimiser state, sampled probabilities), the calibration
+activations (inputs, full-precision targets, the next block's inputs; in RAM, on the GPU or spilled
+to disk), the embeddings while block-0 inputs are captured, and the process's own footprint
+(measured while planning: the interpreter with torch and transformers loaded). Time counts the
+FLOPs of the forward/backward passes and GPTQ solves and the element-wise work of the samplers, at
+rates measured on this machine with two short kernels (or nominal rates for a GPU that is not
+here). The report of a run carries the plan beside what was measured (`report.json`, "plan").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gsq.calib.sequential import active_stages
+from gsq.config import QuantizeConfig
+from gsq.models.base import ModelAdapter
+
+GIB = 2**30
+# Host memory the run needs beyond the planning process's own: tokenizer, token stream,
+# transformers' loading machinery (measured on the tiny and 0.5-3B Llama runs of RESULTS.md).
+RUN_OVERHEAD_BYTES = 160 * 2**20
+# Nominal rates for a CUDA device this process cannot measure (an H100-class GPU: fp32 matmuls
+# without TF32, element-wise kernels at about a third of its memory bandwidth).
+NOMINAL_CUDA_RATES = (40e12, 2.5e11)
+# Element-wise operations per relaxed weight and candidate in one sampler forward + backward
+# (noise, softmax, weighted sum, their gradients), and per weight in one RTN/GPTQ scale search.
+SAMPLER_OPS = 24
+SCALE_SEARCH_OPS = 2600  # 160 candidate scales x (divide, round, clamp, multiply, |.|^2.4, sum)
+SCALE_SEARCH_ELEMENTS = 2**24  # `search_group_scales`' chunk of candidates x weights at once
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan needs to know about a model (from its skeleton)."""
+
+    n_blocks: int
+    hidden: int
+    attn_width: int  # heads x head_dim: the width of the attention values
+    vocab: int
+    block_params: int  # parameters of the largest block
+    stages: dict[str, list[tuple[int, int]]]  # stage -> (out, in) of each quantized linear
+    embed_params: int  # parameters of the modules run before block 0
+    total_params: int
+    stored_bytes: int  # bytes per parameter as stored (2 for bf16/fp16, 4 for fp32)
+
+
+def model_shapes(model: nn.Module, adapter: ModelAdapter, cfg: QuantizeConfig) -> Shapes:
+    """Shapes of `model` (a skeleton on meta, or a loaded model) for the linears `cfg` quantizes."""
+    blocks = adapter.blocks(model)
+    block = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    index = list(blocks).index(block)
+    prefix = adapter.first_block_prefix().format(i=index)
+    stages = {}
+    for stage in active_stages(adapter, cfg):
+        shapes = [tuple(block.get_submodule(n).weight.shape) for n in stage.linears
+                  if cfg.spec_for(prefix + n, block.get_submodule(n).weight.shape[-1])]
+        if shapes:
+            stages[stage.name] = shapes
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = getattr(config, "dtype", None)
+    stored = 4 if dtype in (None, torch.float32, "float32") else 2
+    seen = {id(p): p for p in model.parameters()}  # a tied head counted once
+    return Shapes(
+        n_blocks=len(blocks), hidden=config.hidden_size, attn_width=heads * head_dim,
+        vocab=config.vocab_size, block_params=sum(p.numel() for p in block.parameters()),
+        stages=stages,
+        embed_params=sum(p.numel() for m in adapter.embedding_modules(model)
+                         for p in m.parameters()),
+        total_params=sum(p.numel() for p in seen.values()), stored_bytes=stored)
+
+
+# --------------------------------------------------------------------------------------------
+# Rates and budgets
+
+
+@functools.lru_cache(maxsize=4)
+def measure_rates(device_type: str) -> tuple[float, float]:
+    """(matmul FLOP/s, element-wise element-ops/s) of this process on `device_type`, from two
+    short fp32 kernels (about 0.3 s)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return NOMINAL_CUDA_RATES
+    device = torch.device(device_type)
+    a = torch.randn(512, 1024, device=device)
+    b = torch.randn(1024, 1024, device=device)
+    x = torch.randn(4 * 2**20, device=device)
+
+    def timed(fn, reps: int) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    matmul = 2 * 512 * 1024 * 1024 / timed(lambda: a @ b, 8)
+    elementwise = 3 * x.numel() / timed(lambda: torch.exp(x).mul_(0.5).add_(x), 8)
+    return matmul, elementwise
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the container's memory limit (cgroup v2 / v1) when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def default_host_budget_gib() -> float:
+    """Three quarters of the machine's (or the container's) memory."""
+    return 0.75 * machine_memory_bytes() / GIB
+
+
+def current_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+def _codes(spec_bits) -> int:
+    """Candidates K per relaxed weight (gsq.quant.quantizers)."""
+    return {2: 4, 3: 5, 4: 5}.get(spec_bits, 2)
+
+
+def activation_bytes(s: Shapes, cfg: QuantizeConfig) -> dict[str, int]:
+    """Bytes of calibration hidden states: at the block loop's peak, and one set of inputs."""
+    per_token = s.hidden * 4
+    t, v, g = (n * cfg.seqlen for n in (cfg.nsamples, cfg.val_samples, cfg.gptq_samples))
+    if cfg.method == "gsq":  # targets of train and val; the MLP stage's attention outputs
+        peak = max((t + v + g) + 3 * (t + v), 2 * (t + v + g) + 2 * (t + v))
+    else:  # val targets only
+        peak = 2 * (t + v + g) + 2 * v
+    return {"peak": peak * per_token, "inputs": (t + v + g) * per_token}
+
+
+def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
+    """Largest stage's working memory: GPTQ Hessians and solver copies, or GSQ training state
+    (logits, their gradient, Lion's moment and the sampled probabilities, per candidate) plus a
+    micro-batch's autograd activations."""
+    peak = 0
+    k = _codes(cfg.bits)
+    for linears in s.stages.values():
+        hessians = sum(i * i for _, i in linears) * 4 * (2 if cfg.method == "gsq" else 1)
+        solver = max(3 * i * i + 2 * o * i for o, i in linears) * 4 if cfg.method != "rtn" else 0
+        widest = max(o * i for o, i in linears)
+        search = 3 * min(160 * widest, max(SCALE_SEARCH_ELEMENTS, widest)) * 4  # temporaries
+        work = hessians + max(solver, search)
+        if cfg.method == "gsq":
+            train = sum(o * i for o, i in linears) * 4 * (4 * k + 2)
+            rows = max(o for o, _ in linears)
+            autograd = cfg.train.micro_batch_size * cfg.seqlen * (s.hidden + rows) * 4 * 6
+            work = max(work, hessians + train + autograd)
+        peak = max(peak, work)
+    return peak
+
+
+def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -> float:
+    """Seconds for one block: matmul FLOPs at the measured rate plus element-wise work."""
+    matmul_rate, elem_rate = rates
+    linears = [shape for stage in s.stages.values() for shape in stage]
+    p_lin = sum(o * i for o, i in linears)
+    attn = 4 * cfg.seqlen * s.attn_width  # scores and weighted values per token
+    fwd = 2 * p_lin + attn  # FLOPs per token through the block
+    t, v, g = (n * cfg.seqlen for n in (cfg.nsamples, cfg.val_samples, cfg.gptq_samples))
+    flops = fwd * (t + v + g)  # propagation
+    elem = SCALE_SEARCH_OPS * p_lin  # initial scale search
+    if cfg.method != "rtn" and (cfg.method == "gptq" or cfg.init == "gptq"):
+        flops += 5 * fwd * g + sum(2 * o * i * i + i ** 3 for o, i in linears)
+    if cfg.method != "gsq":
+        return flops / matmul_rate + elem / elem_rate + fwd * v / matmul_rate
+    k = _codes(cfg.bits)
+    steps = cfg.train.epochs * max(1, cfg.nsamples // min(cfg.train.batch_size, cfg.nsamples))
+    micro = -(-min(cfg.train.batch_size, cfg.nsamples) // cfg.train.micro_batch_size)
+    flops += fwd * (t + v) * 2  # FP targets (attention + block) and the MLP inputs
+    flops += 3 * fwd * t * cfg.train.epochs + 2 * fwd * v * cfg.train.epochs  # train, val
+    for name, shapes in s.stages.items():
+        weights = sum(o * i for o, i in shapes)
+        if name == "qk":
+            flops += cfg.qk_steps * sum(6 * o * i * i for o, i in shapes) + fwd * v
+            elem += cfg.qk_steps * SAMPLER_OPS * k * weights
+        else:
+            elem += steps * micro * SAMPLER_OPS * k * weights
+    return flops / matmul_rate + elem / elem_rate
+
+
+def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: float | None,
+         baseline_bytes: int | None = None, rates: tuple[float, float] | None = None) -> dict:
+    """Predicted peak host and GPU memory (GiB), disk (GiB) and seconds per block of a run.
+
+    Activations stay on a GPU when three copies fit in a quarter of its free memory (as the run
+    decides; without a GPU here: when they fit in a quarter of 80 GiB), else on the host, where
+    they spill to disk when the host peak with them in RAM exceeds `host_budget_gib`."""
+    baseline = (current_rss_bytes() if baseline_bytes is None else baseline_bytes) \
+        + RUN_OVERHEAD_BYTES
+    budget = (default_host_budget_gib() if host_budget_gib is None else host_budget_gib) * GIB
+    acts = activation_bytes(s, cfg)
+    block = s.block_params * 4
+    w_f = sum(o * i for shapes in s.stages.values() for o, i in shapes) * 4
+    loading = s.block_params * s.stored_bytes + block  # stored tensors being upcast
+    compute = block + w_f + stage_work_bytes(s, cfg)
+    embeddings = s.embed_params * (4 + s.stored_bytes)
+    on_gpu = device.type == "cuda"
+    acts_home = "host"
+    if on_gpu and cfg.offload_activations is not True:
+        tokens = (cfg.nsamples + cfg.val_samples + cfg.gptq_samples) * cfg.seqlen
+        free = (torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else 80 * GIB)
+        fits = 3 * tokens * s.hidden * 4 < free // 4
+        acts_home = "device" if cfg.offload_activations is False or fits else "host"
+    device_peak = max(loading, compute, embeddings) if on_gpu else 0
+    host_weights = s.block_params * s.stored_bytes if on_gpu else max(loading, compute,
+                                                                       embeddings)
+    host_acts = acts["peak"] if acts_home == "host" else 0
+    peak_ram = baseline + host_weights + host_acts
+    spill = acts_home == "host" and peak_ram > budget
+    rates = rates or measure_rates(device.type)
+    seconds = time_per_block(s, cfg, rates)
+    n_blocks = min(s.n_blocks, cfg.max_blocks or s.n_blocks)
+    quantized = sum(o * i for shapes in s.stages.values() for o, i in shapes) * n_blocks
+    output = s.total_params * s.stored_bytes + quantized * (1 + 2 / cfg.group_size)
+    return {
+        "blocks": n_blocks, "blocks_total": s.n_blocks, "baseline_gib": baseline / GIB,
+        "parameters": s.total_params, "block_parameters": s.block_params,
+        "activations_home": acts_home, "activations_spilled": spill,
+        "activation_gib": acts["peak"] / GIB,
+        "peak_host_gib": (baseline + host_weights + (0 if spill else host_acts)) / GIB,
+        "peak_host_gib_activations_in_ram": peak_ram / GIB,
+        "host_budget_gib": budget / GIB,
+        "peak_gpu_gib": (device_peak + (acts["peak"] if acts_home == "device" else 0)) / GIB
+        if on_gpu else None,
+        "disk_activations_gib": (acts["inputs"] + (acts["peak"] if spill else 0)) / GIB,
+        "disk_output_gib": output / GIB,
+        "seconds_per_block": seconds, "seconds_total": seconds * n_blocks,
+        "rates": {"matmul_flops": rates[0], "elementwise_ops": rates[1]},
+    }
+
+
+def plan_for(model: nn.Module, adapter: ModelAdapter, cfg: QuantizeConfig,
+             device: torch.device, host_budget_gib: float | None = None) -> dict:
+    """`plan` of a model skeleton (or a loaded model)."""
+    return plan(model_shapes(model, adapter, cfg), cfg, device, host_budget_gib)
+
+
+def compare_plan(predicted: dict, report: dict, partial: Path) -> dict:
+    """The plan beside what a run measured (for report.json): peak host RSS, peak CUDA memory,
+    mean seconds per quantized block, and the size of the output written in `partial`."""
+    seconds = [b["seconds"] for b in report.get("blocks", [])]
+    written = sum(p.stat().st_size for sub in ("out", "codes") for p in (partial / sub).glob("*")
+                  if p.is_file())
+    measured = {"peak_host_gib": report.get("peak_host_rss_gib"),
+                "peak_gpu_gib": report.get("peak_cuda_gib"),
+                "seconds_per_block": sum(seconds) / len(seconds) if seconds else None,
+                "disk_output_gib": written / GIB}
+    return {"predicted": predicted, "measured": measured}
+
+
+def source_config(model_source: str) -> tuple[str, object]:
+    """(model_type, transformers config) of a model source from its config.json or GGUF keys;
+    no weights are read."""
+    from gsq.errors import GSQError
+    from gsq.models.loading import peek_architecture, resolve_model_source
+
+    source = resolve_model_source(model_source)
+    model_type, config = peek_architecture(source)
+    if config is None and str(source).lower().endswith(".gguf"):
+        from transformers import AutoConfig
+
+        path = Path(source)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config.dtype = torch.float32  # decoded GGUF tensors are handled in fp32
+    if config is None:
+        raise GSQError(f"cannot read the config of '{model_source}' (model type "
+                       f"'{model_type}')")
+    return model_type, config
+
+
+def plan_source(model_source: str, cfg: QuantizeConfig, device: str = "cpu",
+                host_budget_gib: float | None = None) -> dict:
+    """`gsq plan`: the plan of quantizing `model_source` with `cfg` on `device`."""
+    from gsq.models.registry import adapter_for
+    from gsq.models.streaming import skeleton
+
+    model_type, config = source_config(model_source)
+    adapter = adapter_for(model_type)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = plan_for(skeleton(config), adapter, cfg, torch.device(device), host_budget_gib)
+    return {"model": model_source, "method": cfg.method, "device": device, **result}
+
+
+def format_plan(p: dict) -> str:
+    """A few lines for the terminal."""
+    gpu = f", peak GPU {p['peak_gpu_gib']:.2f} GiB" if p["peak_gpu_gib"] is not None else ""
+    where = {"host": "host RAM", "device": "the GPU"}[p["activations_home"]]
+    if p["activations_spilled"]:
+        where = "memory-mapped files (over the host budget)"
+    return "\n".join([
+        f"{p['model']}: {p['parameters'] / 1e9:.2f}B parameters, {p['blocks_total']} blocks of "
+        f"{p['block_parameters'] / 1e6:.1f}M; {p['method']} on {p['device']}, "
+        f"{p['blocks']} blocks",
+        f"memory: peak host {p['peak_host_gib']:.2f} GiB (budget "
+        f"{p['host_budget_gib']:.2f}){gpu}; activations {p['activation_gib']:.2f} GiB in {where}",
+        f"disk: output {p['disk_output_gib']:.2f} GiB, activations "
+        f"{p['disk_activations_gib']:.2f} GiB",
+        f"time: {p['seconds_per_block']:.1f} s per block, {p['seconds_total'] / 3600:.2f} h "
+        f"in all (rates: {p['rates']['matmul_flops'] / 1e9:.0f} GFLOP/s matmul, "
+        f"{p['rates']['elementwise_ops'] / 1e9:.2f} G element-ops/s)",
+    ])
