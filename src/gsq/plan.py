@@ -11,6 +11,8 @@ to disk), the embeddings while block-0 inputs are captured, and the process's ow
 FLOPs of the forward/backward passes and GPTQ solves and the element-wise work of the samplers, at
 rates measured on this machine with two short kernels (or nominal rates for a GPU that is not
 here). The report of a run carries the plan beside what was measured (`report.json`, "plan").
+The end-to-end scale stage (`cfg.e2e`), which runs after the block loop on the whole model in
+memory, is counted as one fp32 copy of the model.
 """
 
 from __future__ import annotations
@@ -236,9 +238,12 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
         free = (torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else 80 * GIB)
         fits = 3 * tokens * s.hidden * 4 < free // 4
         acts_home = "device" if cfg.offload_activations is False or fits else "host"
-    device_peak = max(loading, compute, embeddings) if on_gpu else 0
-    host_weights = s.block_params * s.stored_bytes if on_gpu else max(loading, compute,
-                                                                       embeddings)
+    # the end-to-end scale stage (`gsq.api.finetune_output`) runs on the whole model in memory:
+    # the fp32 teacher on the host, then the quantized model (on the device)
+    e2e = s.total_params * 4 if cfg.e2e.epochs else 0
+    device_peak = max(loading, compute, embeddings, e2e) if on_gpu else 0
+    host_weights = max(s.block_params * s.stored_bytes, e2e) if on_gpu else max(
+        loading, compute, embeddings, e2e)
     host_acts = acts["peak"] if acts_home == "host" else 0
     peak_ram = baseline + host_weights + host_acts
     spill = acts_home == "host" and peak_ram > budget
@@ -251,6 +256,7 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
         "blocks": n_blocks, "blocks_total": s.n_blocks, "baseline_gib": baseline / GIB,
         "parameters": s.total_params, "block_parameters": s.block_params,
         "activations_home": acts_home, "activations_spilled": spill,
+        "e2e_stage_gib": e2e / GIB,  # 0 when the stage is off
         "activation_gib": acts["peak"] / GIB,
         "peak_host_gib": (baseline + host_weights + (0 if spill else host_acts)) / GIB,
         "peak_host_gib_activations_in_ram": peak_ram / GIB,
@@ -328,7 +334,9 @@ def format_plan(p: dict) -> str:
         f"{p['block_parameters'] / 1e6:.1f}M; {p['method']} on {p['device']}, "
         f"{p['blocks']} blocks",
         f"memory: peak host {p['peak_host_gib']:.2f} GiB (budget "
-        f"{p['host_budget_gib']:.2f}){gpu}; activations {p['activation_gib']:.2f} GiB in {where}",
+        f"{p['host_budget_gib']:.2f}){gpu}; activations {p['activation_gib']:.2f} GiB in {where}"
+        + (f"; the e2e scale stage holds the whole model ({p['e2e_stage_gib']:.2f} GiB fp32)"
+           if p["e2e_stage_gib"] else ""),
         f"disk: output {p['disk_output_gib']:.2f} GiB, activations "
         f"{p['disk_activations_gib']:.2f} GiB",
         f"time: {p['seconds_per_block']:.1f} s per block, {p['seconds_total'] / 3600:.2f} h "
