@@ -6,6 +6,8 @@ codes, scales and the weights `gsq.load_quantized` rebuilds, tensor by tensor, b
     python benchmarks/streaming_identity.py --before /tmp/gsq-before/src --root /tmp/ident \\
         --model smollm2-demo --methods gptq gsq --max-blocks 2
 
+Both runs get the same calibration text (--calib, default the bundled book) and the newer one
+`--after-flags` (default `--e2e-epochs 0`: the end-to-end stage came after streaming).
 Identical codes and weights mean identical perplexity, KL and top-1 numbers for any evaluation of
 the outputs (RESULTS.md §11).
 """
@@ -24,10 +26,11 @@ import torch
 AFTER = Path(__file__).resolve().parents[1] / "src"
 
 
-def quantize(src: Path, model: str, method: str, max_blocks: int, out: Path) -> None:
+def quantize(src: Path, model: str, method: str, max_blocks: int, out: Path, calib: str,
+             extra: list[str]) -> None:
     argv = [sys.executable, "-m", "gsq.cli", "-q", "quantize", model, "--method", method,
-            "--bits", "2", "--group-size", "64", "--max-blocks", str(max_blocks), "--out",
-            str(out), "--overwrite"]
+            "--bits", "2", "--group-size", "64", "--max-blocks", str(max_blocks), "--calib",
+            calib, "--out", str(out), "--overwrite", *extra]
     subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(src)}, check=True)
 
 
@@ -58,13 +61,21 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-demo")
     parser.add_argument("--methods", nargs="+", default=["gptq", "gsq"])
     parser.add_argument("--max-blocks", type=int, default=2)
+    parser.add_argument("--calib", default=str(AFTER / "gsq" / "data" / "bundled" / "pg1342.txt"),
+                        help="the same calibration text for both (default: the bundled book)")
+    parser.add_argument("--after-flags", default="--e2e-epochs 0",
+                        help="flags only the newer gsq takes, e.g. to switch off stages the "
+                             "older one did not have")
     args = parser.parse_args()
     root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in args.methods:
         outs = {tag: root / f"{tag}-{method}" for tag in ("before", "after")}
-        quantize(Path(args.before), args.model, method, args.max_blocks, outs["before"])
-        quantize(Path(args.after), args.model, method, args.max_blocks, outs["after"])
+        quantize(Path(args.before), args.model, method, args.max_blocks, outs["before"],
+                 args.calib, [])
+        quantize(Path(args.after), args.model, method, args.max_blocks, outs["after"],
+                 args.calib, args.after_flags.split())
         rows.append({"model": args.model, "method": method, "blocks": args.max_blocks,
                      **compare(outs["before"], outs["after"])})
         print(json.dumps(rows[-1]), flush=True)
