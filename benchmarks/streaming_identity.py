@@ -37,7 +37,7 @@ def quantize(src: Path, model: str, method: str, max_blocks: int, out: Path, cal
 def compare(a: Path, b: Path) -> dict:
     from safetensors.torch import load_file
 
-    from gsq.io.quantized_dir import load_quantized
+    from gsq.models.quantized import load_quantized
 
     codes_a, codes_b = (load_file(str(p / "gsq_codes.safetensors")) for p in (a, b))
     model_a, _, _ = load_quantized(a)

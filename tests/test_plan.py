@@ -60,13 +60,15 @@ def test_gpu_plan_keeps_activations_on_the_device_when_they_fit(config_only):
 
 
 @pytest.mark.parametrize("method", ["gptq", "gsq"])
-def test_activation_count_matches_the_block_loop(tiny_llama, random_windows, method):
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_activation_count_matches_the_block_loop(tiny_llama, tiny_moe, method, arch):
     """The plan's activation peak equals the host tensors of hidden states alive at once in
     `quantize_block` (inputs, targets, stage inputs, next inputs), counted by a store."""
     from gsq.calib.cache import ActivationStore
 
     cfg = _cfg(method=method)
-    model, adapter = tiny_llama(0), adapter_for("llama")
+    model = tiny_llama(0) if arch == "llama" else tiny_moe(arch)
+    adapter = adapter_for(arch)
     alive, peak = {}, [0]
 
     class Counting(ActivationStore):
@@ -87,6 +89,53 @@ def test_activation_count_matches_the_block_loop(tiny_llama, random_windows, met
     block = adapter.blocks(model)[0]
     quantize_block(block, 0, adapter, cfg, bufs, _ctx(model, adapter, cfg), progress=False)
     assert activation_bytes(model_shapes(model, adapter, cfg), cfg)["peak"] == peak[0]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_plan_counts_every_expert_weight(tiny_moe, arch):
+    """The weights the plan counts as quantized are those `quantize_block` returns records for
+    (every routed expert's gate/up/down), and the per-token FLOPs see k of the E experts."""
+    cfg = _cfg(method="rtn")
+    model, adapter = tiny_moe(arch), adapter_for(arch)
+    shapes = model_shapes(model, adapter, cfg)
+    block = adapter.blocks(model)[0]
+    gen = torch.Generator().manual_seed(0)
+    bufs = Buffers(*(torch.randn(n, cfg.seqlen, 64, generator=gen)
+                     for n in (cfg.nsamples, cfg.val_samples, cfg.gptq_samples)))
+    records, _, _ = quantize_block(block, 0, adapter, cfg, bufs, _ctx(model, adapter, cfg),
+                                   progress=False)
+    assert shapes.n_experts == 4 and shapes.top_k == 2
+    assert shapes.quantized_weights() == sum(qw.codes.numel() for qw in records.values())
+    assert len(shapes.linears("mlp")) == 4 * 3
+    attention = sum(o * i for o, i in shapes.stages["qk"] + shapes.stages["vo"])
+    expert = sum(o * i for group in shapes.expert_groups["mlp"] for o, i in group)
+    assert shapes.tokens_flops() == 2 * (attention + 2 * expert)
+
+
+@pytest.fixture
+def moe_config_only(tmp_path):
+    """The config.json of a Qwen3-MoE (128 experts, 8 per token) cut to 4 blocks, no weights."""
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_hidden_layers=4,
+                   num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                   num_experts_per_tok=8, vocab_size=151936,
+                   tie_word_embeddings=False).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_moe_plan_from_the_config(moe_config_only):
+    """Every expert's parameters are counted, and a GPTQ run's host peak holds one Hessian per
+    expert and input stream (E x (hidden^2 + I^2) fp32) beyond what RTN needs."""
+    gptq = plan_source(str(moe_config_only), _cfg(method="gptq"), host_budget_gib=64)
+    rtn = plan_source(str(moe_config_only), _cfg(method="rtn"), host_budget_gib=64)
+    hidden, inter, experts = 2048, 768, 128
+    attention = 2 * hidden * 32 * 128 + 2 * hidden * 4 * 128 + 2 * 128  # q/o, k/v, q/k norms
+    block = attention + experts * 3 * hidden * inter + experts * hidden + 2 * hidden
+    assert gptq["block_parameters"] == block
+    assert gptq["parameters"] == 4 * block + 2 * 151936 * hidden + hidden
+    hessians = experts * (hidden ** 2 + inter ** 2) * 4
+    assert (gptq["peak_host_gib"] - rtn["peak_host_gib"]) * 2**30 >= hessians
 
 
 def _ctx(model, adapter, cfg):

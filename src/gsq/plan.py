@@ -20,15 +20,16 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gsq.calib.sequential import active_stages
+from gsq.calib.sequential import active_stages, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.models.base import ModelAdapter
+from gsq.models.moe import PAD_ELEMENTS
 
 GIB = 2**30
 # Host memory the run needs beyond the planning process's own: tokenizer, token stream,
@@ -53,24 +54,55 @@ class Shapes:
     attn_width: int  # heads x head_dim: the width of the attention values
     vocab: int
     block_params: int  # parameters of the largest block
-    stages: dict[str, list[tuple[int, int]]]  # stage -> (out, in) of each quantized linear
+    stages: dict[str, list[tuple[int, int]]]  # stage -> (out, in) of each quantized dense linear
     embed_params: int  # parameters of the modules run before block 0
     total_params: int
     stored_bytes: int  # bytes per parameter as stored (2 for bf16/fp16, 4 for fp32)
+    # MoE: stage -> ONE routed expert's quantized linears, (out, in) per GPTQ group (the linears
+    # of a group share one input stream, hence one Hessian per expert: gate/up, then down)
+    expert_groups: dict[str, list[list[tuple[int, int]]]] = field(default_factory=dict)
+    n_experts: int = 0  # routed experts per MoE layer
+    top_k: int = 0  # experts each token is routed to
+
+    def linears(self, stage: str) -> list[tuple[int, int]]:
+        """(out, in) of every quantized linear of `stage`, each routed expert's included."""
+        routed = [shape for group in self.expert_groups.get(stage, []) for shape in group]
+        return self.stages.get(stage, []) + routed * self.n_experts
+
+    def stage_names(self) -> list[str]:
+        return list(dict.fromkeys([*self.stages, *self.expert_groups]))
+
+    def quantized_weights(self) -> int:
+        return sum(o * i for name in self.stage_names() for o, i in self.linears(name))
+
+    def tokens_flops(self) -> int:
+        """Matmul FLOPs per token through the quantized linears (an expert sees k/E of them)."""
+        dense = sum(o * i for shapes in self.stages.values() for o, i in shapes)
+        routed = sum(o * i for groups in self.expert_groups.values() for g in groups
+                     for o, i in g)
+        return 2 * (dense + self.top_k * routed)
 
 
 def model_shapes(model: nn.Module, adapter: ModelAdapter, cfg: QuantizeConfig) -> Shapes:
-    """Shapes of `model` (a skeleton on meta, or a loaded model) for the linears `cfg` quantizes."""
+    """Shapes of `model` (a skeleton on meta, or a loaded model) for the linears `cfg` quantizes
+    (the largest block's; an MoE block's routed experts kept apart, one expert's worth)."""
     blocks = adapter.blocks(model)
     block = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
     index = list(blocks).index(block)
     prefix = adapter.first_block_prefix().format(i=index)
-    stages = {}
-    for stage in active_stages(adapter, cfg):
-        shapes = [tuple(block.get_submodule(n).weight.shape) for n in stage.linears
-                  if cfg.spec_for(prefix + n, block.get_submodule(n).weight.shape[-1])]
-        if shapes:
-            stages[stage.name] = shapes
+    experts = list(adapter.experts(block).values())
+    routed = {n for linears in experts for n in linears}
+    stages, expert_groups = {}, {}
+    for stage in active_stages(adapter, cfg, block):
+        specs = stage_specs(cfg, stage, prefix, block, adapter)
+        dense = [tuple(adapter.weight(block, n).shape) for n in specs if n not in routed]
+        if dense:
+            stages[stage.name] = dense
+        first = [n for n in experts[0] if n in specs] if experts else []
+        groups = [[tuple(adapter.weight(block, n).shape) for n in group]
+                  for group in stage.gptq_groups(first)]
+        if groups:
+            expert_groups[stage.name] = groups
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -83,7 +115,9 @@ def model_shapes(model: nn.Module, adapter: ModelAdapter, cfg: QuantizeConfig) -
         stages=stages,
         embed_params=sum(p.numel() for m in adapter.embedding_modules(model)
                          for p in m.parameters()),
-        total_params=sum(p.numel() for p in seen.values()), stored_bytes=stored)
+        total_params=sum(p.numel() for p in seen.values()), stored_bytes=stored,
+        expert_groups=expert_groups, n_experts=len(experts) if expert_groups else 0,
+        top_k=adapter.experts_per_token(block) if expert_groups else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,21 +199,50 @@ def activation_bytes(s: Shapes, cfg: QuantizeConfig) -> dict[str, int]:
     return {"peak": peak * per_token, "inputs": (t + v + g) * per_token}
 
 
+def routed_buffer_bytes(s: Shapes, cfg: QuantizeConfig, groups: list[list[tuple[int, int]]]
+                        ) -> int:
+    """The routed-token batches of one MoE Hessian pass (`MoEAdapter._add_routed`): a forward of
+    `micro_batch_size` windows sends each expert its tokens, padded to the busiest expert's count
+    (taken as 4x the mean, at most every token) and gathered in chunks of at most PAD_ELEMENTS
+    values `(S, M, max(hidden, 2I))`; per chunk the gathered rows, the gate/up products and the
+    down inputs, and S Gram matrices with the Hessian update's temporaries."""
+    tokens = cfg.train.micro_batch_size * cfg.seqlen
+    width = min(tokens, -(-4 * tokens * s.top_k // s.n_experts))  # M
+    inter = max(o if o != s.hidden else i for group in groups for o, i in group)  # I
+    row = width * max(s.hidden, 2 * inter)
+    chunk = min(s.n_experts, max(1, PAD_ELEMENTS // row))  # S
+    return 4 * (3 * chunk * row + 3 * chunk * max(s.hidden, inter) ** 2)
+
+
 def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
     """Largest stage's working memory: GPTQ Hessians and solver copies, or GSQ training state
     (logits, their gradient, Lion's moment and the sampled probabilities, per candidate) plus a
-    micro-batch's autograd activations."""
+    micro-batch's autograd activations. MoE experts: one Hessian per expert and input stream,
+    the routed-token batches while they are collected, and the experts of a GPTQ group solved
+    as one batch."""
     peak = 0
     k = _codes(cfg.bits)
-    for linears in s.stages.values():
-        hessians = sum(i * i for _, i in linears) * 4 * (2 if cfg.method == "gsq" else 1)
-        solver = max(3 * i * i + 2 * o * i for o, i in linears) * 4 if cfg.method != "rtn" else 0
+    for name in s.stage_names():
+        dense, groups = s.stages.get(name, []), s.expert_groups.get(name, [])
+        linears = s.linears(name)
+        hessians = sum(i * i for _, i in dense) * 4
+        solver = max((3 * i * i + 2 * o * i for o, i in dense), default=0) * 4
+        routed = 0
+        if groups:  # per expert one (in, in) Hessian per group; batches of all experts' linears
+            hessians += s.n_experts * sum(g[0][1] ** 2 for g in groups) * 4 + s.hidden ** 2 * 4
+            solver = max([solver] + [s.n_experts * sum(3 * i * i + 2 * o * i for o, i in g) * 4
+                                     for g in groups])
+            routed = routed_buffer_bytes(s, cfg, groups)
+        if cfg.method == "gsq":
+            hessians *= 2
+        if cfg.method == "rtn":
+            hessians = solver = routed = 0
         widest = max(o * i for o, i in linears)
         search = 3 * min(160 * widest, max(SCALE_SEARCH_ELEMENTS, widest)) * 4  # temporaries
-        work = hessians + max(solver, search)
+        work = hessians + max(solver, search, routed)
         if cfg.method == "gsq":
             train = sum(o * i for o, i in linears) * 4 * (4 * k + 2)
-            rows = max(o for o, _ in linears)
+            rows = max(o for o, _ in linears) * max(1, s.top_k if groups else 1)
             autograd = cfg.train.micro_batch_size * cfg.seqlen * (s.hidden + rows) * 4 * 6
             work = max(work, hessians + train + autograd)
         peak = max(peak, work)
@@ -189,10 +252,10 @@ def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
 def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -> float:
     """Seconds for one block: matmul FLOPs at the measured rate plus element-wise work."""
     matmul_rate, elem_rate = rates
-    linears = [shape for stage in s.stages.values() for shape in stage]
+    linears = [shape for name in s.stage_names() for shape in s.linears(name)]
     p_lin = sum(o * i for o, i in linears)
     attn = 4 * cfg.seqlen * s.attn_width  # scores and weighted values per token
-    fwd = 2 * p_lin + attn  # FLOPs per token through the block
+    fwd = s.tokens_flops() + attn  # FLOPs per token through the block
     t, v, g = (n * cfg.seqlen for n in (cfg.nsamples, cfg.val_samples, cfg.gptq_samples))
     flops = fwd * (t + v + g)  # propagation
     elem = SCALE_SEARCH_OPS * p_lin  # initial scale search
@@ -205,7 +268,8 @@ def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -
     micro = -(-min(cfg.train.batch_size, cfg.nsamples) // cfg.train.micro_batch_size)
     flops += fwd * (t + v) * 2  # FP targets (attention + block) and the MLP inputs
     flops += 3 * fwd * t * cfg.train.epochs + 2 * fwd * v * cfg.train.epochs  # train, val
-    for name, shapes in s.stages.items():
+    for name in s.stage_names():
+        shapes = s.linears(name)
         weights = sum(o * i for o, i in shapes)
         if name == "qk":
             flops += cfg.qk_steps * sum(6 * o * i * i for o, i in shapes) + fwd * v
@@ -227,7 +291,7 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
     budget = (default_host_budget_gib() if host_budget_gib is None else host_budget_gib) * GIB
     acts = activation_bytes(s, cfg)
     block = s.block_params * 4
-    w_f = sum(o * i for shapes in s.stages.values() for o, i in shapes) * 4
+    w_f = s.quantized_weights() * 4
     loading = s.block_params * s.stored_bytes + block  # stored tensors being upcast
     compute = block + w_f + stage_work_bytes(s, cfg)
     embeddings = s.embed_params * (4 + s.stored_bytes)
@@ -250,7 +314,7 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
     rates = rates or measure_rates(device.type)
     seconds = time_per_block(s, cfg, rates)
     n_blocks = min(s.n_blocks, cfg.max_blocks or s.n_blocks)
-    quantized = sum(o * i for shapes in s.stages.values() for o, i in shapes) * n_blocks
+    quantized = s.quantized_weights() * n_blocks
     output = s.total_params * s.stored_bytes + quantized * (1 + 2 / cfg.group_size)
     return {
         "blocks": n_blocks, "blocks_total": s.n_blocks, "baseline_gib": baseline / GIB,

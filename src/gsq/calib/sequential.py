@@ -390,7 +390,8 @@ def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: Qua
     t0 = time.perf_counter()
     prefix = adapter.first_block_prefix().format(i=index)
     stages = active_stages(adapter, cfg, block)
-    names = [n for s in stages for n in stage_specs(cfg, s, prefix, block, adapter)]  # skips left out
+    # the linears quantized (skips left out), their original weights
+    names = [n for s in stages for n in stage_specs(cfg, s, prefix, block, adapter)]
     W_f = {n: adapter.weight(block, n).detach().clone() for n in names}
     bc = BlockContext(block, index, prefix, ctx, W_f, init_provider=init_provider)
     micro = cfg.train.micro_batch_size

@@ -123,6 +123,10 @@ class ModelAdapter:
         e.g. "mlp.experts.5") -> its linears, in expert order; {} for a dense block."""
         return {}
 
+    def experts_per_token(self, block: nn.Module) -> int:
+        """Experts the router picks for each token (top-k); 0 for a dense block."""
+        return 0
+
     def expert_token_counts(self, block: nn.Module, h: Tensor) -> Tensor:
         """Tokens the block's router sends to each expert `(E,)` for post-attention hidden
         states `h` `(batch, seq, hidden)` (each token counts once per expert of its top-k)."""

@@ -45,7 +45,7 @@ from gsq.quant.hessian import (
 
 GATE, UP, DOWN = 0, 1, 2
 # padded expert batches are cut so that one holds at most this many values (memory bound)
-_PAD_ELEMENTS = 2**27
+PAD_ELEMENTS = 2**27
 
 
 class MoEAdapter(LlamaAdapter):
@@ -86,6 +86,10 @@ class MoEAdapter(LlamaAdapter):
     @staticmethod
     def _n_experts(moe: nn.Module) -> int:
         return moe.experts.gate_up_proj.shape[0]
+
+    def experts_per_token(self, block: nn.Module) -> int:
+        moe = self._moe(block)
+        return 0 if moe is None else int(moe.gate.top_k)
 
     def block_stages(self, block: nn.Module) -> tuple[StageSpec, ...]:
         moe = self._moe(block)
@@ -233,10 +237,10 @@ class MoEAdapter(LlamaAdapter):
                     acc_a: GroupedHessianAccumulator, experts: nn.Module) -> None:
         """Batched Hessian updates of the wanted experts from their routed tokens: `x` `(T, H)`,
         `tokens` `(E, M)` the rows of x routed to each expert (-1 past `counts`). Experts go in
-        chunks whose padded `(S, M, ·)` batches hold at most `_PAD_ELEMENTS` values."""
+        chunks whose padded `(S, M, ·)` batches hold at most `PAD_ELEMENTS` values."""
         width, hidden = tokens.shape[1], x.shape[-1]
         inter = experts.down_proj.shape[-1]
-        chunk = max(1, _PAD_ELEMENTS // max(1, width * max(hidden, 2 * inter)))
+        chunk = max(1, PAD_ELEMENTS // max(1, width * max(hidden, 2 * inter)))
         for wanted, acc, inner in ((want_x, acc_x, False), (want_a, acc_a, True)):
             for ids in torch.tensor(wanted, dtype=torch.long).split(chunk):
                 rows = gather_rows(x, tokens[ids.to(tokens.device)])  # (S, M, H), zero padding
