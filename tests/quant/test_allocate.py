@@ -68,9 +68,9 @@ def test_greedy_is_optimal_for_equal_sizes_and_two_widths():
         target = rng.uniform(2.25, 3.25)
         alloc = allocate_bits(choices, target)
         budget = target * sum(c.numel for c in choices)
-        best = min(sum(c.err[w] for c, w in zip(choices, ws))
+        best = min(sum(c.err[w] for c, w in zip(choices, ws, strict=True))
                    for ws in itertools.product((2, 3), repeat=len(choices))
-                   if sum(c.cost(w) for c, w in zip(choices, ws)) <= budget)
+                   if sum(c.cost(w) for c, w in zip(choices, ws, strict=True)) <= budget)
         assert math.isclose(alloc.total_err, best), trial
 
 
