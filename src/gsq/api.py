@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gsq.calib.scale_finetune import capture_teacher, scale_finetune
+from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import active_stages, run_quantization, stage_specs
 from gsq.calib.windows import calibration_tokens, calibration_windows
 from gsq.config import QuantizeConfig, resolve_device
@@ -114,7 +115,12 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
     adapter = adapter_for(model.config.model_type)
     windows = calibration_windows(calib_tokens, cfg)
     teacher = capture_teacher(model, adapter, windows, cfg, device) if cfg.e2e.epochs else None
+    allocation = None
+    if cfg.bpw is not None:
+        cfg, allocation = allocate_widths(model, adapter, windows, cfg, device, progress=progress)
     records, report = run_quantization(model, adapter, windows, cfg, device, progress)
+    if allocation is not None:
+        report["allocation"] = allocation
     if teacher is not None:
         records, report["e2e"] = scale_finetune(model, adapter, records, windows, teacher, cfg,
                                                 device, progress)

@@ -64,6 +64,9 @@ class QuantizeConfig:
     gsq_stages: tuple[str, ...] = ("qk", "vo", "mlp")  # stages GSQ trains; others keep the init
     skip: tuple[str, ...] = ()  # fnmatch patterns of full module names kept in full precision
     bits_overrides: tuple[tuple[str, int | str], ...] = ()  # (pattern, bits) per-module bit-widths
+    # average bits per parameter of the quantized linears (codes + scales): widths of 2/3/4 bit
+    # allocated by measured sensitivity (`gsq.calib.sensitivity`); None = `bits` everywhere
+    bpw: float | None = None
     nsamples: int = 128  # training sequences
     val_samples: int = 16  # held-out calibration sequences (validation, best-epoch choice)
     gptq_samples: int = 64  # sequences for GPTQ Hessians (disjoint from train and val)
@@ -112,6 +115,11 @@ class QuantizeConfig:
             raise ValueError(f"qk_steps must be >= 0; got {self.qk_steps}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen must be >= 2; got {self.seqlen}")
+        if self.bpw is not None and not self.bpw > 0:
+            raise ValueError(f"bpw must be > 0; got {self.bpw}")
+        if self.bpw is not None and self.bits_overrides:
+            raise ValueError("bpw (a bits-per-weight target) and per-module bit-widths exclude "
+                             "each other")
         if self.moe_min_tokens < 0:
             raise ValueError(f"moe_min_tokens must be >= 0; got {self.moe_min_tokens}")
         if self.max_blocks is not None and self.max_blocks < 1:
@@ -128,8 +136,9 @@ class QuantizeConfig:
         QuantSpec(self.bits, self.group_size, self.target)  # grid and group size held?
         if self.fallback is not None:
             object.__setattr__(self, "fallback", parse_target(self.fallback))
-        if self.bits_overrides:
-            raise ValueError("per-module bit-widths cannot be combined with a GGUF target type")
+        if self.bits_overrides or self.bpw is not None:
+            raise ValueError("per-module bit-widths and a bits-per-weight target cannot be "
+                             "combined with a GGUF target type")
 
     def spec_for(self, module_name: str, in_features: int | None = None) -> QuantSpec | None:
         """The spec of a full module name, or None if it is skipped (kept in full precision).

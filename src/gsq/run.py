@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gsq.calib.cache import ActivationStore
+from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import Buffers, ResumePoint, run_quantization
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
@@ -115,10 +116,16 @@ def _quantize_into(partial: PartialRun, inputs: RunInputs, progress: bool,
                            store=store)
             resume = ResumePoint(partial.done, bufs)
         sink = _BlockWriter(partial, inputs, loader, store, n_blocks)
+        allocation = None
+        if cfg.bpw is not None:  # measured again on resume: deterministic, and global
+            cfg, allocation = allocate_widths(model, adapter, inputs.windows, cfg, inputs.device,
+                                              loader, progress)
         _, report = run_quantization(model, adapter, inputs.windows, cfg, inputs.device,
                                      progress, loader=loader, sink=sink, store=store,
                                      resume=resume)
         report["resumed_from_block"] = resume.start if resume else 0
+        if allocation is not None:
+            report["allocation"] = allocation
     report["blocks"] = earlier + report.get("blocks", [])
     return report
 

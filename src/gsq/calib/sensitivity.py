@@ -17,6 +17,7 @@ full-precision block. `gsq.quant.allocate` turns the numbers into widths.
 from __future__ import annotations
 
 import os.path
+import time
 
 import torch
 from torch import Tensor, nn
@@ -25,12 +26,14 @@ from gsq.calib.capture import capture_block_context, capture_block_inputs
 from gsq.calib.objectives import map_batches
 from gsq.calib.sequential import BlockLoader, active_stages
 from gsq.config import QuantizeConfig
+from gsq.errors import GSQError
 from gsq.models.base import ModelAdapter
-from gsq.quant.allocate import LinearChoice
+from gsq.quant.allocate import LinearChoice, allocate_bits
 from gsq.quant.rtn import rtn_quantize
 from gsq.quant.types import QuantSpec
 
 BPW_WIDTHS = (2, 3, 4)  # candidate widths of `--bpw`
+SENSITIVITY_WINDOWS = 8  # training windows the measurement runs on (the first ones)
 
 
 def block_units(adapter: ModelAdapter, block: nn.Module, cfg: QuantizeConfig,
@@ -115,3 +118,23 @@ def measure_sensitivity(model: nn.Module, adapter: ModelAdapter, windows: Tensor
             choices.append(LinearChoice(pattern, numel, bpp, errs[pattern]))
         loader.release(index, block)
     return choices
+
+
+def allocate_widths(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
+                    cfg: QuantizeConfig, device: torch.device,
+                    loader: BlockLoader | None = None,
+                    progress: bool = True) -> tuple[QuantizeConfig, dict]:
+    """`cfg` with `cfg.bpw` resolved into per-unit bit widths (`bits_overrides`, exact names or
+    expert patterns), and the allocation's report entry. Deterministic: RTN and fixed windows, so
+    a resumed run allocates the same widths again."""
+    t0 = time.perf_counter()
+    sample = windows["train"][:SENSITIVITY_WINDOWS]
+    choices = measure_sensitivity(model, adapter, sample, cfg, device, loader, progress=progress)
+    try:
+        alloc = allocate_bits(choices, cfg.bpw)
+    except ValueError as err:
+        raise GSQError(str(err)) from err
+    report = {"target_bpw": cfg.bpw, "achieved_bpw": alloc.achieved_bpw,
+              "widths": alloc.widths, "sensitivity": {c.name: c.err for c in choices},
+              "windows": len(sample), "seconds": round(time.perf_counter() - t0, 3)}
+    return cfg.replace(bpw=None, bits_overrides=tuple(alloc.widths.items())), report

@@ -102,6 +102,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep modules matching this fnmatch pattern in full precision")
     p.add_argument("--bits-override", action="append", default=[], type=_override,
                    metavar="PATTERN=BITS", help="per-module bit-width")
+    p.add_argument("--bpw", type=float, default=None, metavar="X",
+                   help="average bits per parameter of the quantized linears (codes and scales, "
+                        "e.g. 2.5 or 3.25): 2/3/4-bit widths allocated by measured sensitivity, "
+                        "never above X; the allocation is in report.json")
     p.add_argument("--moe-min-tokens", type=int, default=None, metavar="N",
                    help="MoE: an expert routed fewer calibration tokens gets GPTQ Hessians over "
                         "all tokens of its layer (GPTQ split) and keeps its initial codes instead "
@@ -202,6 +206,8 @@ def build_config(args: argparse.Namespace):
         base, train, changes = _budget(args, method=args.method)
         if args.moe_min_tokens is not None:
             changes["moe_min_tokens"] = args.moe_min_tokens
+        if args.bpw is not None:
+            changes["bpw"] = args.bpw
         cfg = base.replace(
             method=args.method, bits=2 if args.bits is None else args.bits,
             group_size=args.group_size or 128, init=args.init, act_order=args.act_order,
@@ -233,8 +239,8 @@ def _with_target(cfg, args: argparse.Namespace):
         if args.fallback is not None:
             raise GSQError("--fallback needs --target")
         return cfg
-    if args.bits_override:
-        raise GSQError("--bits-override cannot be combined with --target")
+    if args.bits_override or args.bpw is not None:
+        raise GSQError("--bits-override and --bpw cannot be combined with --target")
     return cfg.targeting(args.target, args.fallback, args.bits, args.group_size)
 
 
