@@ -40,8 +40,15 @@ from pathlib import Path
 
 import torch
 
-from gsq.api import calibration_tokens, calibration_windows, load_any_model, resolve_device
+from gsq.api import (
+    bits_per_parameter,
+    calibration_tokens,
+    calibration_windows,
+    load_any_model,
+    resolve_device,
+)
 from gsq.calib.scale_finetune import capture_teacher, scale_finetune
+from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import run_quantization
 from gsq.config import PRESETS
 from gsq.data.calibration import read_text, tokenize_text
@@ -79,8 +86,9 @@ def run_pair(method: str, bits, seed: int, base_model, calib, domains, args, dev
     """Block loop, evaluation, e2e stage, evaluation: the e2e-off and e2e-on rows."""
     preset = PRESETS[args.preset]
     gsq_e2e = preset().e2e  # the preset's stage, also for the baselines' "e2e on" rows
-    cfg = preset(method=method, bits=bits, group_size=args.group_size, seed=seed,
-                 max_blocks=args.max_blocks, e2e=gsq_e2e)
+    bpw = float(bits[3:]) if str(bits).startswith("bpw") else None  # "bpw2.5": --bpw 2.5
+    cfg = preset(method=method, bits=2 if bpw else bits, group_size=args.group_size, seed=seed,
+                 max_blocks=args.max_blocks, e2e=gsq_e2e, bpw=bpw)
     if args.e2e_lr is not None:
         cfg = cfg.replace(e2e=dataclasses.replace(cfg.e2e, lr=args.e2e_lr))
     model = copy.deepcopy(base_model)
@@ -88,11 +96,18 @@ def run_pair(method: str, bits, seed: int, base_model, calib, domains, args, dev
     windows = calibration_windows(calib, cfg)
     t0 = time.perf_counter()
     teacher = capture_teacher(model, adapter, windows, cfg, device)
+    allocation = None
+    if bpw is not None:
+        cfg, allocation = allocate_widths(model, adapter, windows, cfg, device, progress=False)
     records, report = run_quantization(model, adapter, windows, cfg, device, progress=False)
     seconds = time.perf_counter() - t0 - teacher.seconds
     rows = [{"key": row_key(method, bits, seed, False), "method": method, "bits": bits,
              "seed": seed, "e2e": False, "quantize_seconds": seconds,
+             "bpp": bits_per_parameter(records), "allocation": allocation,
              "eval": evaluate(model, base_model, domains, args, device)}]
+    if args.no_e2e:
+        rows[0]["config"] = cfg.to_dict()
+        return rows
     records, e2e = scale_finetune(model, adapter, records, windows, teacher, cfg, device)
     rows.append({"key": row_key(method, bits, seed, True), "method": method, "bits": bits,
                  "seed": seed, "e2e": True, "quantize_seconds": seconds + e2e["seconds"],
@@ -127,7 +142,8 @@ def summary(data: dict) -> str:
     for (method, bits, e2e), rows in sorted(groups.items(),
                                             key=lambda kv: (-_bits_rank(kv[0][1]),
                                                             order.get(kv[0][0], 9), kv[0][2])):
-        cells = [f"{method.upper()} {bits}-bit{' +e2e' if e2e else ''}",
+        width = bits if bits.startswith("bpw") else f"{bits}-bit"
+        cells = [f"{method.upper()} {width}{' +e2e' if e2e else ''}",
                  ",".join(str(r["seed"]) for r in rows)]
         for d in domains:
             ppl = [r["eval"][d]["ppl"] for r in rows]
@@ -154,7 +170,7 @@ def summary(data: dict) -> str:
 
 
 def _bits_rank(bits: str) -> float:
-    return 1.58 if bits == "ternary" else float(bits)
+    return 1.58 if bits == "ternary" else float(bits.removeprefix("bpw"))
 
 
 def main() -> None:
@@ -162,7 +178,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-demo")
     p.add_argument("--calib", default=None, help="calibration spec (default: the bundled mix)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--bits", nargs="+", type=parse_bits, default=[4, 3, 2])
+    p.add_argument("--bits", nargs="+", type=parse_bits, default=None,
+                   help="uniform widths (default 4 3 2, none when --bpw is given)")
+    p.add_argument("--bpw", nargs="+", type=float, default=[],
+                   help="rows with `--bpw X` widths instead of the --bits rows")
+    p.add_argument("--no-e2e", action="store_true", help="only the block-loop (e2e off) rows")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "gsq"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--group-size", type=int, default=64)
@@ -191,10 +211,11 @@ def main() -> None:
     paths = domain_paths(args.data)
     domains = {d: tokenize_text(tokenizer, read_text(paths[d])) for d in args.domains}
     data["runs"].append(run_meta(device))
-    for bits in args.bits:
+    uniform = args.bits if args.bits is not None else ([] if args.bpw else [4, 3, 2])
+    for bits in uniform + [f"bpw{x:g}" for x in args.bpw]:
         for method in args.methods:
             for seed in args.seeds:
-                if row_key(method, bits, seed, True) in done:
+                if row_key(method, bits, seed, not args.no_e2e) in done:
                     continue
                 data["rows"] += run_pair(method, bits, seed, base_model, calib, domains, args,
                                          device)
