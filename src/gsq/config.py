@@ -82,7 +82,7 @@ class QuantizeConfig:
     act_order: bool = False
     seed: int = 0
     # Where calibration activations live between uses: True = host, False = the device,
-    # None = the device when they fit in a quarter of its free memory, else the host.
+    # None = the device when they fit in half of its free memory (three fp32 copies), else the host.
     offload_activations: bool | None = None
     max_blocks: int | None = None  # quantize only the first N blocks (smoke tests, comparisons)
     # GGUF type to optimise for ("Q2_K", "gguf:Q4_0", ...; `gsq.quant.target`): bits and group

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gsq.calib.sequential import active_stages, stage_specs
+from gsq.calib.sequential import activations_fit_device, active_stages, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.models.base import ModelAdapter
 from gsq.models.moe import PAD_ELEMENTS
@@ -283,8 +283,8 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
          baseline_bytes: int | None = None, rates: tuple[float, float] | None = None) -> dict:
     """Predicted peak host and GPU memory (GiB), disk (GiB) and seconds per block of a run.
 
-    Activations stay on a GPU when three copies fit in a quarter of its free memory (as the run
-    decides; without a GPU here: when they fit in a quarter of 80 GiB), else on the host, where
+    Activations stay on a GPU when three copies fit in half of its free memory (as the run
+    decides, `activations_fit_device`; without a GPU here: of 80 GiB), else on the host, where
     they spill to disk when the host peak with them in RAM exceeds `host_budget_gib`."""
     baseline = (current_rss_bytes() if baseline_bytes is None else baseline_bytes) \
         + RUN_OVERHEAD_BYTES
@@ -300,7 +300,7 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
     if on_gpu and cfg.offload_activations is not True:
         tokens = (cfg.nsamples + cfg.val_samples + cfg.gptq_samples) * cfg.seqlen
         free = (torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else 80 * GIB)
-        fits = 3 * tokens * s.hidden * 4 < free // 4
+        fits = activations_fit_device(tokens, s.hidden, free)
         acts_home = "device" if cfg.offload_activations is False or fits else "host"
     # the end-to-end scale stage (`gsq.api.finetune_output`) runs on the whole model in memory:
     # the fp32 teacher on the host, then the quantized model (on the device)

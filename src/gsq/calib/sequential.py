@@ -412,22 +412,29 @@ def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: Qua
     return records, report, next_bufs
 
 
+def activations_fit_device(tokens: int, hidden: int, free_bytes: int) -> bool:
+    """Whether three fp32 copies of the calibration hidden states (block inputs, attention and
+    block targets; `tokens` over every split) take less than half of a GPU's free memory. The
+    other half is for the block, its training state and the stage's micro-batches: 17 GiB for a
+    Llama-3.1-8B block at the gpu preset (benchmarks/RESULTS.md §14)."""
+    return 3 * tokens * hidden * 4 < free_bytes // 2
+
+
 def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int,
                     device: torch.device) -> torch.device:
     """Where the block inputs and FP targets live between uses (see `offload_activations`).
 
-    Auto mode counts three copies of every split's hidden states (inputs, attention and block
-    targets, fp32) and keeps them on the GPU when that is under a quarter of its free memory:
-    host round trips cost more than the training itself on small models.
+    Auto mode keeps them on the GPU when they fit (`activations_fit_device`): host round trips
+    cost more than the training itself on small models, and host memory is the scarcer on
+    large ones.
     """
     if device.type != "cuda" or cfg.offload_activations:
         return torch.device("cpu")
     if cfg.offload_activations is False:
         return device
     tokens = sum(w.numel() for w in windows.values())
-    need = 3 * tokens * hidden * 4
     free, _ = torch.cuda.mem_get_info(device)
-    return device if need < free // 4 else torch.device("cpu")
+    return device if activations_fit_device(tokens, hidden, free) else torch.device("cpu")
 
 
 class BlockLoader:

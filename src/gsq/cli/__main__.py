@@ -112,7 +112,7 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "of GSQ training (train split); listed in report.json (default 64)")
     p.add_argument("--offload-activations", action="store_true",
                    help="always keep calibration activations on the host between blocks (default: "
-                        "on the device when they fit in a quarter of its free memory)")
+                        "on the device when they fit in half of its free memory)")
     p.add_argument("--keep-activations-on-device", action="store_true",
                    help="keep calibration activations on the GPU between blocks (faster, uses "
                         "more GPU memory)")
