@@ -170,3 +170,16 @@ def test_cli_plan_unsupported_architecture(tmp_path, capsys):
     GPT2Config(n_layer=2, n_embd=64, n_head=4).save_pretrained(tmp_path)
     assert main(["-q", "plan", str(tmp_path)]) == 2
     assert "gpt2" in capsys.readouterr().err
+
+
+def test_bpw_plan_counts_the_sensitivity_pass_and_the_widest_width(config_only):
+    """--bpw: time for the sensitivity pass (a block forward per linear and width), and GSQ
+    training memory of the widest width a linear may get (4 bit: 5 candidates, not 2 bit's 4)."""
+    def predict(**changes):
+        return plan_source(str(config_only), _cfg(**changes), host_budget_gib=64)
+
+    plain, bpw, four = predict(), predict(bpw=3.0), predict(bits=4)
+    assert bpw["seconds_per_block"] > four["seconds_per_block"]
+    assert bpw["seconds_per_block"] > plain["seconds_per_block"]
+    assert bpw["peak_host_gib"] == pytest.approx(four["peak_host_gib"], rel=1e-3)  # RSS moves
+    assert bpw["peak_host_gib"] > plain["peak_host_gib"]

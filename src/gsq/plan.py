@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gsq.calib.sensitivity import BPW_WIDTHS, SENSITIVITY_WINDOWS
 from gsq.calib.sequential import activations_fit_device, active_stages, stage_specs
 from gsq.config import QuantizeConfig
 from gsq.models.base import ModelAdapter
@@ -183,9 +184,11 @@ def current_rss_bytes() -> int:
 # The plan
 
 
-def _codes(spec_bits) -> int:
-    """Candidates K per relaxed weight (gsq.quant.quantizers)."""
-    return {2: 4, 3: 5, 4: 5}.get(spec_bits, 2)
+def _codes(cfg: QuantizeConfig) -> int:
+    """Candidates K per relaxed weight (gsq.quant.quantizers); with `--bpw` the widest width a
+    linear may get."""
+    bits = max(BPW_WIDTHS) if cfg.bpw is not None else cfg.bits
+    return {2: 4, 3: 5, 4: 5}.get(bits, 2)
 
 
 def activation_bytes(s: Shapes, cfg: QuantizeConfig) -> dict[str, int]:
@@ -221,7 +224,7 @@ def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
     the routed-token batches while they are collected, and the experts of a GPTQ group solved
     as one batch."""
     peak = 0
-    k = _codes(cfg.bits)
+    k = _codes(cfg)
     for name in s.stage_names():
         dense, groups = s.stages.get(name, []), s.expert_groups.get(name, [])
         linears = s.linears(name)
@@ -259,11 +262,14 @@ def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -
     t, v, g = (n * cfg.seqlen for n in (cfg.nsamples, cfg.val_samples, cfg.gptq_samples))
     flops = fwd * (t + v + g)  # propagation
     elem = SCALE_SEARCH_OPS * p_lin  # initial scale search
+    if cfg.bpw is not None:  # the sensitivity pass: the block once, then per linear and width
+        flops += fwd * SENSITIVITY_WINDOWS * cfg.seqlen * (1 + len(BPW_WIDTHS) * len(linears))
+        elem += SCALE_SEARCH_OPS * p_lin * len(BPW_WIDTHS)
     if cfg.method != "rtn" and (cfg.method == "gptq" or cfg.init == "gptq"):
         flops += 5 * fwd * g + sum(2 * o * i * i + i ** 3 for o, i in linears)
     if cfg.method != "gsq":
         return flops / matmul_rate + elem / elem_rate + fwd * v / matmul_rate
-    k = _codes(cfg.bits)
+    k = _codes(cfg)
     steps = cfg.train.epochs * max(1, cfg.nsamples // min(cfg.train.batch_size, cfg.nsamples))
     micro = -(-min(cfg.train.batch_size, cfg.nsamples) // cfg.train.micro_batch_size)
     flops += fwd * (t + v) * 2  # FP targets (attention + block) and the MLP inputs
