@@ -239,10 +239,10 @@ def test_export_refuses_an_unsupported_architecture(capsys, files, tmp_path):
     copy = tmp_path / "q"
     shutil.copytree(files["q"], copy)
     config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
     out = tmp_path / "x.gguf"
     _assert_user_error(capsys, ["export", str(copy), "--format", "gguf", "--out", str(out)],
-                       out, "model types llama", "'mistral'")
+                       out, "model types llama", "'gemma'")
 
 
 @pytest.mark.parametrize("engine", ["llama.cpp", "auto"])

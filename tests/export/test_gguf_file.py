@@ -409,10 +409,13 @@ def test_bad_float_type(qdir, tmp_path):
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"model_type": "mistral"}, "this model is 'mistral'"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
-     "rope scaling 'linear'"),
+    ({"model_type": "gemma"}, "this model is 'gemma'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope scaling 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                          "attention_factor": 0.5}}, "yarn rope parameters attention_factor"),
     ({"attention_bias": True}, "biases"),
+    ({"hidden_act": "gelu"}, "hidden_act 'silu'"),
 ])
 def test_unsupported_architectures_are_refused(qdir, tmp_path, change, needle):
     copy = tmp_path / "q"

@@ -159,9 +159,16 @@ def test_llamacpp_perplexity_matches_the_decoded_model(llama_cpp, built, loaded)
 
 
 def test_another_architecture_is_refused(built, tmp_path):
+    path = _rewrite(built["gguf"], tmp_path / "gemma.gguf", arch="gemma2")
+    with pytest.raises(GSQError, match=r"architecture 'gemma2' and Q2_0 tensors.*only for the "
+                                       r"llama, qwen2, qwen3, qwen3moe architectures"):
+        load_base_model(path)
+
+
+def test_keys_of_another_architecture_are_refused(built, tmp_path):
+    """A llama file relabelled qwen2 has no qwen2.* keys: refused, not read as a Qwen2."""
     path = _rewrite(built["gguf"], tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(GSQError, match=r"architecture 'qwen2' and Q2_0 tensors.*only for the "
-                                       r"llama architecture"):
+    with pytest.raises(GSQError, match=r"has no key 'qwen2\.attention\.head_count'"):
         load_base_model(path)
 
 

@@ -43,12 +43,14 @@ from gsq.gguf import (
     HParams,
     KeyValue,
     TensorInfo,
+    always_f32,
+    extra_tensors,
     file_type,
     model_hparams,
     permute_rows,
     qk_heads,
     row_bytes,
-    tensor_name,
+    tensor_slot,
     type_id,
     write_model_file,
 )
@@ -98,19 +100,32 @@ def permute_record(qw: QuantizedWeight, n_heads: int) -> QuantizedWeight:
 
 @dataclass
 class PlannedTensor:
-    """One GGUF tensor to write: its type and where its values come from (exactly one of
-    `record`, a quantized linear, and `load`, a float tensor)."""
+    """One GGUF tensor to write: its type and where its values come from: `record` (a quantized
+    linear) or `load` (a float tensor), or for a merged expert tensor `ffn_*_exps`
+    `[n_expert, out, in]` one part per expert (each with a record or a loader)."""
 
     gguf_name: str
     hf_name: str  # parameter name, e.g. model.layers.0.mlp.down_proj.weight
-    shape: tuple[int, ...]  # numpy order: [out, in] or [d]
+    shape: tuple[int, ...]  # numpy order: [out, in], [d] or [n_expert, out, in]
     qtype: str
     record: QuantizedWeight | None = None
     load: Callable[[], torch.Tensor] | None = None
+    parts: tuple[PlannedTensor, ...] = ()  # merged experts, in expert order
 
     @property
     def module(self) -> str:
         return self.hf_name.removesuffix(".weight")
+
+    @property
+    def records(self) -> list[QuantizedWeight]:
+        """The quantized records it is written from ([] for a float tensor)."""
+        if self.parts:
+            return [p.record for p in self.parts if p.record is not None]
+        return [self.record] if self.record is not None else []
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.records)
 
     @property
     def nbytes(self) -> int:
@@ -118,34 +133,46 @@ class PlannedTensor:
         return rows * row_bytes(type_id(self.qtype), self.shape[-1])
 
 
+def _record_type(qw: QuantizedWeight) -> str:
+    return qw.spec.target or default_type(qw)
+
+
 def plan_tensors(float_weights: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]],
                  records: dict[str, QuantizedWeight], hp: HParams, float_type: str,
                  overrides: dict[str, str] | None = None) -> list[PlannedTensor]:
     """Every tensor of the GGUF file, in llama.cpp's order, with its type.
 
-    float_weights: HF parameter name -> (shape, loader) of the checkpoint's tensors; records: the
+    float_weights: checkpoint name -> (shape, loader) of the checkpoint's tensors; records: the
     quantized linears by module name (their float copies in the checkpoint are not used).
     Quantized linears get the GGUF type they were quantized for (`qw.spec.target`, see
-    `gsq quantize --target`) or else `default_type(qw)`, 1-D tensors F32, other tensors
-    `float_type`; an override (fnmatch pattern -> type, last match wins) applies to the module
-    name, the HF name or the GGUF name.
+    `gsq quantize --target`) or else `default_type(qw)`, tensors llama.cpp keeps in F32
+    (`always_f32`: norms, biases, routers) F32, other tensors `float_type`; an expert's
+    projection is its slice of the merged `ffn_*_exps` tensor; tensors without a checkpoint
+    counterpart (llama3's rope_freqs) are added. An override (fnmatch pattern -> type, last
+    match wins) applies to the module name, the HF name or the GGUF name.
     """
     float_type = _check_type(float_type, FLOAT_TYPES)
     shapes = {name: shape for name, (shape, _) in float_weights.items()}
     shapes.update({f"{m}.weight": tuple(qw.shape) for m, qw in records.items()})
-    planned = []
+    planned, experts = [], {}
     for hf_name, shape in shapes.items():
         if hp.tied and hf_name == "lm_head.weight" and "lm_head" not in records:
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        gguf_name = tensor_name(hf_name, hp)
+        gguf_name, expert = tensor_slot(hf_name, hp)
         record = records.get(hf_name.removesuffix(".weight"))
         if record is not None:
-            qtype = record.spec.target or default_type(record)
-            planned.append(PlannedTensor(gguf_name, hf_name, shape, qtype, record))
+            t = PlannedTensor(gguf_name, hf_name, shape, _record_type(record), record)
         else:
-            qtype = "F32" if len(shape) == 1 else float_type
-            planned.append(PlannedTensor(gguf_name, hf_name, shape, qtype,
-                                         load=float_weights[hf_name][1]))
+            qtype = "F32" if always_f32(gguf_name, shape) else float_type
+            t = PlannedTensor(gguf_name, hf_name, shape, qtype, load=float_weights[hf_name][1])
+        if expert is None:
+            planned.append(t)
+        else:
+            experts.setdefault(gguf_name, {})[expert] = t
+    planned += [_merge_experts(name, parts) for name, parts in experts.items()]
+    planned += [PlannedTensor(name, name, value.shape, "F32",
+                              load=lambda v=value: torch.from_numpy(v))
+                for name, value in extra_tensors(hp).items()]
     _apply_overrides(planned, overrides or {})
     for t in planned:
         try:
@@ -153,6 +180,30 @@ def plan_tensors(float_weights: dict[str, tuple[tuple[int, ...], Callable[[], to
         except GSQError as err:
             raise GSQError(f"'{t.module}' cannot be stored as {t.qtype}: {err}") from None
     return sorted(planned, key=_gguf_order)
+
+
+def _merge_experts(gguf_name: str, parts: dict[int, PlannedTensor]) -> PlannedTensor:
+    """One `ffn_*_exps` tensor from its experts' projections (same shape, and all quantized to
+    one type or none quantized); GSQError naming what differs."""
+    first = parts[min(parts)]
+    if sorted(parts) != list(range(len(parts))):
+        missing = sorted(set(range(max(parts) + 1)) - set(parts))
+        raise GSQError(f"'{gguf_name}': the checkpoint lacks experts {missing}")
+    ordered = tuple(parts[e] for e in range(len(parts)))
+    if len({p.shape for p in ordered}) > 1:
+        raise GSQError(f"'{gguf_name}': the experts' projections differ in shape")
+    quantized = {p.record is not None for p in ordered}
+    if len(quantized) > 1:
+        raise GSQError(f"'{gguf_name}': some experts of '{first.module}' were quantized and "
+                       f"others not; a GGUF expert tensor has one type")
+    types = sorted({p.qtype for p in ordered})
+    if len(types) > 1:
+        raise GSQError(f"'{gguf_name}': the experts of '{first.module}' were quantized to "
+                       f"different GGUF types ({', '.join(types)}); a GGUF expert tensor has "
+                       f"one type")
+    merged = re.sub(r"\.experts\.\d+\.", ".experts.", first.hf_name)
+    return PlannedTensor(gguf_name, merged, (len(ordered), *first.shape), types[0],
+                         parts=ordered)
 
 
 def _gguf_order(t: PlannedTensor) -> tuple:
@@ -172,9 +223,10 @@ def _apply_overrides(planned: list[PlannedTensor], overrides: dict[str, str]) ->
         if not hits:
             raise GSQError(f"--type pattern '{pattern}' matches no tensor")
         for t in hits:
-            if len(t.shape) == 1 and qtype != "F32":
-                raise GSQError(f"'{t.hf_name}' is 1-D (a norm); it is always stored as F32")
-            if t.record is None and qtype not in FLOAT_TYPES + CONVERTIBLE_TYPES:
+            if always_f32(t.gguf_name, t.shape) and qtype != "F32":
+                what = "1-D (a norm or bias)" if len(t.shape) == 1 else "an expert router"
+                raise GSQError(f"'{t.hf_name}' is {what}; it is always stored as F32")
+            if not t.quantized and qtype not in FLOAT_TYPES + CONVERTIBLE_TYPES:
                 raise GSQError(f"'{t.module}' was not quantized by gsq; it can only be stored as "
                                f"{', '.join(FLOAT_TYPES + CONVERTIBLE_TYPES)}, not {qtype}")
             t.qtype = qtype
@@ -196,10 +248,11 @@ def check_exact(planned: list[PlannedTensor], lossy: bool) -> dict[str, str]:
     """
     problems = {}
     for t in planned:
-        if t.record is not None:
-            problem = exact_problem(t.qtype, t.record)
+        for qw in t.records:
+            problem = exact_problem(t.qtype, qw)
             if problem:
                 problems[t.module] = f"{t.qtype}: {problem}"
+                break
     if problems and not lossy:
         first, reason = next(iter(problems.items()))
         more = f" (and {len(problems) - 1} more tensors)" if len(problems) > 1 else ""
@@ -209,13 +262,15 @@ def check_exact(planned: list[PlannedTensor], lossy: bool) -> dict[str, str]:
 
 
 def encode_tensor(t: PlannedTensor, hp: HParams, lossy: bool) -> np.ndarray:
-    """The bytes (or float array) written for one planned tensor, q/k rows permuted."""
+    """The bytes (or float array) written for one planned tensor, q/k rows permuted; a merged
+    expert tensor is its experts' encodings one after the other (expert-major rows)."""
     heads = qk_heads(t.gguf_name, hp)
-    if t.record is not None:
-        qw = permute_record(t.record, heads) if heads else t.record
-        data = encode_weight(t.qtype, qw, lossy=lossy)
+    if t.quantized:
+        records = [permute_record(qw, heads) if heads else qw for qw in t.records]
+        data = np.concatenate([encode_weight(t.qtype, qw, lossy=lossy) for qw in records])
     else:
-        weight = t.load().detach().float().cpu()
+        weight = torch.stack([p.load() for p in t.parts]) if t.parts else t.load()
+        weight = weight.detach().float().cpu()
         data = encode_float(permute_rows(weight, heads) if heads else weight, t.qtype, t.hf_name)
     if data.nbytes != t.nbytes:
         raise GSQError(f"encoded '{t.hf_name}' as {t.qtype} has {data.nbytes} bytes, expected "
@@ -260,12 +315,12 @@ def _file_type(planned: list[PlannedTensor]) -> int:
     """general.file_type: the type holding most quantized bytes (informational only)."""
     weights = Counter()
     for t in planned:
-        weights[t.qtype if t.record is not None else "F16"] += t.nbytes
+        weights[t.qtype if t.quantized else "F16"] += t.nbytes
     return file_type(weights.most_common(1)[0][0])
 
 
 def _report(out: str | Path, planned: list[PlannedTensor], size: int) -> dict:
-    quantized = [t for t in planned if t.record is not None]
+    quantized = [t for t in planned if t.quantized]
     numel = sum(int(np.prod(t.shape)) for t in quantized)
     return {
         "out": str(out),
@@ -306,7 +361,7 @@ def export_gguf(qdir: str | Path, out: str | Path, *, float_type: str = "F16",
     report = write_gguf(out, hp, planned, tokenizer_kv, name=qdir.resolve().name, lossy=lossy,
                         overwrite=overwrite)
     converted = {t.module: t.qtype for t in planned
-                 if t.record is None and t.qtype in CONVERTIBLE_TYPES}
+                 if not t.quantized and t.qtype in CONVERTIBLE_TYPES}
     report.update({"tokenizer": tokenizer_from, "inexact": inexact, "converted": converted})
     log.info("wrote %s: %d tensors %s, %.2f MiB, %.3f bpw in quantized tensors", out,
              report["tensors"], report["tensor_types"], report["file_bytes"] / 2**20,

@@ -1,6 +1,6 @@
 """llama.cpp tokenizer keys for a GGUF file: copied from a source GGUF, or converted from an HF
-`tokenizer.json` of byte-level BPE type (GPT-2 / SmolLM / Llama-3 pre-tokenizers) (formats.md
-B.2)."""
+`tokenizer.json` of byte-level BPE type (GPT-2 / SmolLM / Llama-3 / Qwen2 pre-tokenizers)
+(formats.md B.2)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from gsq.gguf import KeyValue, field_value, read_gguf
 # HF pre-tokenizer layouts we can name for llama.cpp (tokenizer.ggml.pre).
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 / Qwen2.5 / Qwen3: Llama-3's split with single digits, after an NFC normalizer (which
+# llama.cpp does not apply: text that is not already NFC tokenizes differently there, as with
+# every Qwen GGUF file)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def tokenizer_kv_from_gguf(path: str | Path, n_vocab: int) -> list[KeyValue]:
@@ -66,20 +70,28 @@ def _read_tokenizer_json(tok_dir: Path) -> dict:
 
 def bpe_pre_name(spec: dict) -> str:
     """llama.cpp's pre-tokenizer name for an HF tokenizer.json, or GSQError if it is not one of
-    the byte-level BPE layouts we can name: 'gpt-2', 'smollm' (digits split, then GPT-2) or
-    'llama-bpe' (the Llama-3 regex)."""
+    the byte-level BPE layouts we can name: 'gpt-2', 'smollm' (digits split, then GPT-2),
+    'llama-bpe' (the Llama-3 regex) or 'qwen2' (its single-digit variant, NFC normalizer)."""
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or \
             decoder.get("type") != "ByteLevel":
-        raise GSQError("only byte-level BPE tokenizers (GPT-2 / SmolLM / Llama-3 style) can be "
-                       "converted to GGUF; export from a .gguf source to copy its tokenizer")
-    if spec.get("normalizer"):
-        raise GSQError("cannot convert a byte-level BPE tokenizer with a normalizer to GGUF")
+        raise GSQError("only byte-level BPE tokenizers (GPT-2 / SmolLM / Llama-3 / Qwen2 style) "
+                       "can be converted to GGUF; export from a .gguf source to copy its "
+                       "tokenizer")
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
-    # llama.cpp looks whole words up before merging for llama-bpe only (HF: ignore_merges)
-    ignore_merges = bool(model.get("ignore_merges"))
+    name = _pre_name(steps, kinds, bool(model.get("ignore_merges")))
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer and not (name == "qwen2" and normalizer == "NFC"):
+        raise GSQError(f"cannot convert a byte-level BPE tokenizer with a {normalizer} "
+                       f"normalizer to GGUF")
+    return name
+
+
+def _pre_name(steps: list[dict], kinds: list, ignore_merges: bool) -> str:
+    """The llama.cpp name of a byte-level pre-tokenizer layout (`bpe_pre_name`). llama.cpp looks
+    whole words up before merging for llama-bpe only (HF: ignore_merges)."""
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and \
             not steps[0].get("add_prefix_space") and not ignore_merges:
         return "gpt-2"
@@ -87,10 +99,14 @@ def bpe_pre_name(spec: dict) -> str:
             steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space") and \
             not ignore_merges:
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and \
-            (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_REGEX and \
-            not steps[1].get("use_regex", True) and ignore_merges:
+    regex = (steps[0].get("pattern") or {}).get("Regex") if kinds == ["Split", "ByteLevel"] \
+        else None
+    split = regex is not None and not steps[1].get("use_regex", True) and \
+        not steps[1].get("add_prefix_space")
+    if split and regex == _LLAMA3_REGEX and ignore_merges:
         return "llama-bpe"
+    if split and regex == _QWEN2_REGEX and not ignore_merges:
+        return "qwen2"
     raise GSQError(f"cannot name this tokenizer's pre-tokenizer ({'+'.join(map(str, kinds))}) "
                    "for llama.cpp")
 

@@ -6,18 +6,25 @@ orders (`arch`), and the writer (`writer`). Fitting gsq's weights onto the types
 
 from gsq.gguf.arch import (
     ARCHITECTURES,
+    ROPE_FREQS,
     SUPPORTED_MODEL_TYPES,
     Architecture,
     HParams,
+    always_f32,
     architecture,
     check_file_hparams,
+    extra_tensors,
+    file_hparams,
+    hf_config,
     hf_values,
+    match_slots,
     match_tensors,
     model_hparams,
     permute_rows,
     qk_heads,
     rotary_rows,
     tensor_name,
+    tensor_slot,
 )
 from gsq.gguf.codec import (
     Assignment,
@@ -42,11 +49,12 @@ from gsq.gguf.types import (
 from gsq.gguf.writer import KeyValue, TensorInfo, metadata_only_gguf, write_model_file
 
 __all__ = [
-    "ARCHITECTURES", "FLOAT_TYPES", "QK_K", "SUPPORTED_MODEL_TYPES", "TYPES", "Architecture",
-    "Assignment", "GGUFTensor", "GGUFType", "HParams", "KeyValue", "TensorInfo", "architecture",
-    "check_file_hparams", "decode_assignment", "decode_tensor", "decode_weight",
-    "encode_assignment", "field_value", "file_type", "gguf_type", "hf_values", "match_tensors",
+    "ARCHITECTURES", "FLOAT_TYPES", "QK_K", "ROPE_FREQS", "SUPPORTED_MODEL_TYPES", "TYPES",
+    "Architecture", "Assignment", "GGUFTensor", "GGUFType", "HParams", "KeyValue", "TensorInfo",
+    "always_f32", "architecture", "check_file_hparams", "decode_assignment", "decode_tensor",
+    "decode_weight", "encode_assignment", "extra_tensors", "field_value", "file_hparams",
+    "file_type", "gguf_type", "hf_config", "hf_values", "match_slots", "match_tensors",
     "metadata_only_gguf", "missing_types", "model_hparams", "package_lacks", "permute_rows",
     "qk_heads", "read_gguf", "rotary_rows", "row_bytes", "tensor_name", "tensor_offsets",
-    "type_id", "type_name", "write_model_file",
+    "tensor_slot", "type_id", "type_name", "write_model_file",
 ]

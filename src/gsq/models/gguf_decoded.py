@@ -1,13 +1,17 @@
-"""A `.gguf` model whose tensor types transformers' GGUF reader lacks (Q2_0, which gsq writes for
-2-bit g64 linears), loaded by decoding its tensors with gsq's own decoders.
+"""A `.gguf` model of an architecture gsq writes, loaded by decoding its tensors with gsq's own
+decoders into a transformers model built from the file's keys.
 
-transformers rejects the whole file for one type id the `gguf` package does not know, but it builds
-the config and the tokenizer from the keys alone, so it is given a tensor-less copy of the keys
-(`metadata_only_gguf`). The model is made from that config (`from_config`) and every parameter is
-then filled from the file: decoded to fp32 (`decode_tensor`), attn_q / attn_k rows taken back from
-llama.cpp's interleaved rotary order to HF's (`rotary_rows`), cast to the requested dtype. Buffers
-(the rotary inv_freq) stay as `from_config` makes them. Only the architectures gsq
-exports (`gsq.gguf.ARCHITECTURES`) are read this way.
+Why not transformers' GGUF reader: it rejects a whole file for one type id the `gguf` package does
+not know (Q2_0, which gsq writes for 2-bit g64 linears), and it builds some of these
+architectures wrongly from the keys: no rope scaling (linear, YaRN, llama3's rope_freqs), no
+Qwen3 head_dim or Qwen3-MoE expert width, and llama-architecture files with experts (Mixtral)
+become dense Llamas. Here the config comes from `gsq.gguf.file_hparams` / `hf_config` (the
+inverse of what the export writes), the tokenizer from transformers' GGUF tokenizer reader
+given a tensor-less copy of the keys (`metadata_only_gguf`), and every parameter is decoded to
+fp32 (`decode_tensor`: gguf.quants' decoders, or gsq's for the types the package lacks), with
+attn_q / attn_k rows taken back from llama.cpp's interleaved rotary order to HF's
+(`rotary_rows`), then cast to the requested dtype. Buffers (the rotary inv_freq) are what the
+config makes them.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch
 from gsq.errors import GSQError
 from gsq.gguf import (
     ARCHITECTURES,
+    ROPE_FREQS,
     GGUFTensor,
     field_value,
+    file_hparams,
+    hf_config,
     hf_values,
-    match_tensors,
+    match_slots,
     metadata_only_gguf,
-    missing_types,
     model_hparams,
     qk_heads,
 )
@@ -34,6 +40,17 @@ from gsq.gguf import (
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+# tokenizer keys -> config attributes (as transformers' GGUF reader sets them)
+_TOKEN_IDS = {"tokenizer.ggml.bos_token_id": "bos_token_id",
+              "tokenizer.ggml.eos_token_id": "eos_token_id",
+              "tokenizer.ggml.unknown_token_id": "unk_token_id",
+              "tokenizer.ggml.padding_token_id": "pad_token_id"}
+
+
+def reads_architecture(fields: dict[str, Any]) -> bool:
+    """True if the file's `general.architecture` is one this module loads."""
+    arch = fields.get("general.architecture")
+    return arch is not None and str(field_value(arch)) in SUPPORTED_ARCHITECTURES
 
 
 def load_decoded_gguf(path: Path, fields: dict[str, Any], tensors: list[GGUFTensor],
@@ -43,10 +60,8 @@ def load_decoded_gguf(path: Path, fields: dict[str, Any], tensors: list[GGUFTens
     tensors or shapes that do not match the keys."""
     from transformers import AutoModelForCausalLM
 
-    _check_architecture(path, fields, tensors)
-    log.info("loading GGUF %s (tensor types %s decoded by gsq, to %s)", path,
-             ", ".join(missing_types(tensors)), dtype)
     config, tokenizer = gguf_config_and_tokenizer(path, fields, tensors)
+    log.info("loading GGUF %s (%s, decoded by gsq to %s)", path, config.model_type, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fill_parameters(model, tensors, path)
     return model, tokenizer
@@ -54,43 +69,36 @@ def load_decoded_gguf(path: Path, fields: dict[str, Any], tensors: list[GGUFTens
 
 def gguf_config_and_tokenizer(path: Path, fields: dict[str, Any],
                               tensors: list[GGUFTensor]) -> tuple[Any, Any]:
-    """transformers' config (tied embeddings and vocabulary size as the tensors say) and
-    tokenizer of a `llama` GGUF file, built from its keys alone."""
-    _check_architecture(path, fields, tensors)
-    config, tokenizer = _config_and_tokenizer(path, fields)
-    names = {t.name for t in tensors}
-    config.tie_word_embeddings = "output.weight" not in names  # llama.cpp reuses token_embd
-    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    if embd is not None:
-        config.vocab_size = int(embd.shape[0])  # the keys may lack llama.vocab_size
-    return config, tokenizer
+    """transformers' config (as gsq reads the file's keys: `file_hparams`, `hf_config`) and
+    tokenizer of a GGUF file of an architecture gsq writes, without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        hp = file_hparams(fields, tensors, path)
+    except GSQError as err:
+        raise GSQError(f"cannot load GGUF model '{path}': {err}") from None
+    model_type, kwargs = hf_config(hp)
+    kwargs.update({attr: int(field_value(fields[key])) for key, attr in _TOKEN_IDS.items()
+                   if key in fields})
+    return AutoConfig.for_model(model_type, **kwargs), _tokenizer(path, fields)
 
 
-def _check_architecture(path: Path, fields: dict[str, Any], tensors: list[GGUFTensor]) -> None:
-    """GSQError unless the file's `general.architecture` is one this module reads."""
-    if "general.architecture" not in fields:
-        raise GSQError(f"cannot load GGUF model '{path}': it has no general.architecture key")
-    arch = str(field_value(fields["general.architecture"]))
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GSQError(
-            f"GGUF model '{path}' has architecture '{arch}' and {', '.join(missing_types(tensors))}"
-            f" tensors, which transformers cannot read; gsq decodes them itself only for the "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} architecture")
-
-
-def _config_and_tokenizer(path: Path, fields: dict[str, Any]) -> tuple[Any, Any]:
-    """transformers' config and tokenizer built from the file's keys (a tensor-less copy)."""
-    from transformers import AutoConfig, AutoTokenizer
+def _tokenizer(path: Path, fields: dict[str, Any]) -> Any:
+    """transformers' tokenizer built from the file's keys (a tensor-less copy)."""
+    from transformers import AutoTokenizer
 
     with metadata_only_gguf(fields, path.name) as meta:
-        folder, name = str(meta.parent), meta.name
         try:
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            return AutoTokenizer.from_pretrained(str(meta.parent), gguf_file=meta.name)
         except (ValueError, KeyError, OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise GSQError(f"cannot load GGUF model '{path}': {reason}") from err
-    return config, tokenizer
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of `model` under its checkpoint name (a tied lm_head once, as the
+    embedding)."""
+    return dict(model.named_parameters())
 
 
 def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Path) -> None:
@@ -102,21 +110,20 @@ def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Pat
         hp = model_hparams(model.config)
     except GSQError as err:
         raise GSQError(f"cannot load GGUF model '{path}': {err}") from None
-    by_gguf = match_tensors(tensors, model, hp, path, owner="the model its keys describe")
-    params = dict(model.named_parameters())  # a tied lm_head is not listed twice
-    written = set()
-    for t in tensors:
-        hf_name = by_gguf.get(t.name)
-        if hf_name is None or hf_name not in params:
-            continue
+    params = checkpoint_tensors(model)
+    weights = {name: tuple(p.shape) for name, p in params.items()}
+    slots = match_slots(tensors, weights, hp, path, owner="the model its keys describe")
+    by_name = {t.name: t for t in tensors}
+    for (gguf_name, expert), hf_name in slots.items():
+        value = hf_values(by_name[gguf_name], qk_heads(gguf_name, hp), expert)
         with torch.no_grad():
-            params[hf_name].copy_(hf_values(t, qk_heads(t.name, hp)))
-        written.add(hf_name)
-    unwritten = sorted(set(params) - written)
+            params[hf_name].copy_(value)
+    unwritten = sorted(set(params) - set(slots.values()))
     if unwritten:
         raise GSQError(f"cannot load GGUF model '{path}': the file holds no tensor for "
                        f"'{unwritten[0]}'")
-    unused = sorted({t.name for t in tensors} - set(by_gguf))
+    used = {name for name, _ in slots} | {ROPE_FREQS}  # rope_freqs is read into the config
+    unused = sorted(t.name for t in tensors if t.name not in used)
     if unused:
         log.warning("GGUF model %s: ignoring %d tensors gsq cannot place in the model (%s)",
                     path, len(unused), ", ".join(unused[:4]))

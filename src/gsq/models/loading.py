@@ -130,18 +130,30 @@ def _load_error(source: str, e: OSError) -> GSQError:
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load a GGUF file (weights dequantized to `dtype`) and make the model saveable.
 
-    transformers' GGUF loader reads the file unless it holds tensor types the `gguf` package
-    lacks (Q2_0): those files are decoded by gsq (`gsq.models.gguf_decoded`).
+    Files of the architectures gsq writes are decoded by gsq (`gsq.models.gguf_decoded`: the
+    config from the file's keys as gsq reads them, every tensor type gsq writes); others by
+    transformers' GGUF loader, unless they hold tensor types the `gguf` package lacks.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsq.gguf import missing_types, read_gguf
+    from gsq.gguf import field_value, missing_types, read_gguf
+    from gsq.models.gguf_decoded import (
+        SUPPORTED_ARCHITECTURES,
+        load_decoded_gguf,
+        reads_architecture,
+    )
 
     fields, tensors = read_gguf(path)  # GSQError for a truncated or non-GGUF file
-    if missing_types(tensors):
-        from gsq.models.gguf_decoded import load_decoded_gguf
-
+    if reads_architecture(fields):
         return load_decoded_gguf(path, fields, tensors, dtype)
+    if missing_types(tensors):
+        arch = field_value(fields["general.architecture"]) \
+            if "general.architecture" in fields else "?"
+        raise GSQError(
+            f"GGUF model '{path}' has architecture '{arch}' and "
+            f"{', '.join(missing_types(tensors))} tensors, which transformers cannot read; gsq "
+            f"decodes them itself only for the {', '.join(SUPPORTED_ARCHITECTURES)} "
+            f"architectures")
     folder, name = str(path.parent), path.name
     log.info("loading GGUF %s (dequantizing to %s)", path, dtype)
     try:
