@@ -118,24 +118,15 @@ def _first_line(err: BaseException) -> str:
 
 
 def gguf_hf_tokenizer(path: str | Path) -> Any:
-    """The HF tokenizer transformers builds from a GGUF file's tokenizer keys.
-
-    transformers' GGUF reader rejects tensor types the `gguf` package lacks (Q2_0), so it reads a
-    tensor-less copy of the keys (`metadata_only_gguf`).
-    """
-    from transformers import AutoTokenizer
-
-    from gsq.gguf import metadata_only_gguf, read_gguf
+    """The HF tokenizer transformers builds from a GGUF file's tokenizer keys
+    (`gsq.models.gguf_decoded.gguf_tokenizer`)."""
+    from gsq.gguf import read_gguf
+    from gsq.models.gguf_decoded import gguf_tokenizer
 
     fields, _ = read_gguf(path)
     if "general.architecture" not in fields or "tokenizer.ggml.tokens" not in fields:
         raise GSQError(f"GGUF file '{path}' has no tokenizer")
-    with metadata_only_gguf(fields, "tokenizer.gguf") as meta:
-        try:
-            return AutoTokenizer.from_pretrained(str(meta.parent), gguf_file=meta.name)
-        except (ValueError, KeyError, OSError, RuntimeError) as err:
-            raise GSQError(f"transformers cannot build a tokenizer from '{path}': "
-                           f"{_first_line(err)}") from err
+    return gguf_tokenizer(Path(path), fields)
 
 
 def load_eval_tokenizer(gguf_path: str | Path, tokenizer_source: str | None = None) -> Any:

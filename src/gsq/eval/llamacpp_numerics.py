@@ -7,7 +7,8 @@ runs on an fp16 KV cache. This module applies the same roundings in PyTorch, so 
 gsq-vs-llama.cpp gap that comes from those roundings can be told apart from a wrong export.
 
 What is emulated (llama.cpp as bundled with llama-cpp-python 0.3.36, CPU, flash attention off):
-  * linear layers, by the weight's GGUF type:
+  * linear layers and MoE expert projections (gate, up and down each by its own merged
+    `ffn_*_exps` tensor; the router is F32 in every file), by the weight's GGUF type:
       - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_0 -> Q8_0/Q8_1 activations: int8 per 32 values,
         q = round(x * 127 / amax), value q * fp16(amax / 127);
       - K-quants and TQ types -> Q8_K activations: int8 per 256 values, with m the value of largest
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsq.errors import GSQError
-from gsq.gguf import TYPES, model_hparams, tensor_name
+from gsq.gguf import TYPES, model_hparams, tensor_name, tensor_slot
 
 ATTENTION_NAME = "gsq_llamacpp"
+EXPERTS_NAME = "gsq_llamacpp"  # transformers experts implementation (MoE models)
+_ROUNDINGS_ATTR = "_gsq_llamacpp_roundings"  # (gate, up, down) on an experts module
 
 # GGUF weight type -> how llama.cpp's CPU backend rounds the activations that meet it (the type
 # table's activation partner).
@@ -135,44 +138,102 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
 
 
-def linear_roundings(model: nn.Module, tensor_types: dict[str, str]) -> dict[str, str | None]:
-    """HF linear module name -> activation rounding, from the GGUF tensor types of the file the
-    model was read from (`tensor_types`: GGUF tensor name -> type name). lm_head reads the type of
-    `output.weight`, or of `token_embd.weight` when the file ties them as llama.cpp does."""
+def _experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
+                     top_k_weights: Tensor) -> Tensor:
+    """transformers' experts-function signature: routed experts `(T, H)` -> `(T, H)` with the
+    fused weights gate_up_proj `(E, 2I, H)` (gate rows first) and down_proj `(E, H, I)`, gate
+    and up computed apart (two llama.cpp matmuls, each rounding its input by its own type)."""
+    round_gate, round_up, round_down = getattr(module, _ROUNDINGS_ATTR)
+    out = torch.zeros_like(hidden_states)
+    inter = module.down_proj.shape[-1]
+    for e in top_k_index.unique().tolist():
+        if e >= module.gate_up_proj.shape[0]:  # transformers' "no expert" index
+            continue
+        tokens, slot = torch.where(top_k_index == e)
+        x = hidden_states[tokens]
+        w = module.gate_up_proj[e]
+        gate = F.linear(round_activations(x, round_gate), w[:inter])
+        up = F.linear(round_activations(x, round_up), w[inter:])
+        h = module.act_fn(gate) * up
+        y = F.linear(round_activations(h, round_down), module.down_proj[e])
+        out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
+    return out
+
+
+def _register_experts() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_NAME, _experts_forward)
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """A transformers fused-experts module (3-D gate_up_proj and down_proj parameters)."""
+    return all(isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).dim() == 3
+               for p in ("gate_up_proj", "down_proj"))
+
+
+def _rounding_of(gguf_name: str, tensor_types: dict[str, str], module: str) -> str | None:
+    qtype = tensor_types.get(gguf_name)
+    if qtype is None:
+        raise GSQError(f"the GGUF file has no tensor '{gguf_name}' for module '{module}'")
+    if qtype not in ACTIVATION_ROUNDING:
+        raise GSQError(f"--numerics llama.cpp does not know how llama.cpp rounds the "
+                       f"activations of a {qtype} tensor ('{gguf_name}')")
+    return ACTIVATION_ROUNDING[qtype]
+
+
+def linear_roundings(model: nn.Module, tensor_types: dict[str, str]) -> dict[str, Any]:
+    """HF module name -> activation rounding, from the GGUF tensor types of the file the model
+    was read from (`tensor_types`: GGUF tensor name -> type name): one rounding per linear, a
+    (gate, up, down) triple per fused-experts module (from ffn_{gate,up,down}_exps). lm_head
+    reads the type of `output.weight`, or of `token_embd.weight` when the file ties them as
+    llama.cpp does."""
     hp = model_hparams(model.config)
-    out = {}
+    out: dict[str, Any] = {}
     for name, module in model.named_modules():
+        if _is_experts(module):
+            slots = [tensor_slot(f"{name}.0.{part}.weight", hp)[0]
+                     for part in ("gate_proj", "up_proj", "down_proj")]
+            out[name] = tuple(_rounding_of(s, tensor_types, name) for s in slots)
+            continue
         if not isinstance(module, nn.Linear):
             continue
         gguf_name = tensor_name(f"{name}.weight", hp)
         if gguf_name == "output.weight" and gguf_name not in tensor_types:
             gguf_name = "token_embd.weight"
-        qtype = tensor_types.get(gguf_name)
-        if qtype is None:
-            raise GSQError(f"the GGUF file has no tensor '{gguf_name}' for module '{name}'")
-        if qtype not in ACTIVATION_ROUNDING:
-            raise GSQError(f"--numerics llama.cpp does not know how llama.cpp rounds the "
-                           f"activations of a {qtype} tensor ('{gguf_name}')")
-        out[name] = ACTIVATION_ROUNDING[qtype]
+        out[name] = _rounding_of(gguf_name, tensor_types, name)
     return out
 
 
 @contextlib.contextmanager
-def llamacpp_numerics(model: nn.Module, roundings: dict[str, str | None]) -> Iterator[None]:
+def llamacpp_numerics(model: nn.Module, roundings: dict[str, Any]) -> Iterator[None]:
     """Within the block, `model` computes as llama.cpp's CPU backend does: every linear named in
-    `roundings` rounds its input first, and attention runs in fp16 (see the module docstring)."""
+    `roundings` rounds its input first, experts modules round each projection's input, and
+    attention runs in fp16 (see the module docstring)."""
     _register_attention()
     modules = dict(model.named_modules())
+    experts = {name: r for name, r in roundings.items() if isinstance(r, tuple)}
     hooks = [modules[name].register_forward_pre_hook(_input_rounder(rounding))
-             for name, rounding in roundings.items() if rounding is not None]
+             for name, rounding in roundings.items()
+             if rounding is not None and name not in experts]
     before = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
+    experts_before = getattr(model.config, "_experts_implementation", None)
+    if experts:
+        _register_experts()
+        for name, r in experts.items():
+            setattr(modules[name], _ROUNDINGS_ATTR, r)
+        model.set_experts_implementation(EXPERTS_NAME)
     try:
         yield
     finally:
         for h in hooks:
             h.remove()
         model.set_attn_implementation(before)
+        if experts:
+            model.set_experts_implementation(experts_before)
+            for name in experts:
+                delattr(modules[name], _ROUNDINGS_ATTR)
 
 
 def _input_rounder(rounding: str):

@@ -345,8 +345,13 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def _key(fields: dict[str, Any], template: str, arch: str, default: Any = None) -> Any:
+    """A key's value; float32 values as the shortest decimal that rounds to them (1e-06, not
+    9.99999997e-07: the value of the config they were written from)."""
     key = template.format(arch=arch)
-    return field_value(fields[key]) if key in fields else default
+    if key not in fields:
+        return default
+    value = field_value(fields[key])
+    return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
 def file_hparams(fields: dict[str, Any], tensors: list[GGUFTensor],

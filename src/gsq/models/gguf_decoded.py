@@ -80,19 +80,34 @@ def gguf_config_and_tokenizer(path: Path, fields: dict[str, Any],
     model_type, kwargs = hf_config(hp)
     kwargs.update({attr: int(field_value(fields[key])) for key, attr in _TOKEN_IDS.items()
                    if key in fields})
-    return AutoConfig.for_model(model_type, **kwargs), _tokenizer(path, fields)
+    return AutoConfig.for_model(model_type, **kwargs), gguf_tokenizer(path, fields)
 
 
-def _tokenizer(path: Path, fields: dict[str, Any]) -> Any:
-    """transformers' tokenizer built from the file's keys (a tensor-less copy)."""
+def gguf_tokenizer(path: Path, fields: dict[str, Any]) -> Any:
+    """transformers' tokenizer built from a GGUF file's keys (given a tensor-less copy of them,
+    so that types the gguf package lacks do not matter), of the class AutoTokenizer picks for
+    the file's model type. The class is named here because AutoTokenizer would first rebuild a
+    config from the whole file with gguf's reader, which takes seconds for a 50k-token
+    vocabulary, only to learn the model type."""
     from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import (
+        TOKENIZER_MAPPING_NAMES,
+        tokenizer_class_from_name,
+    )
 
+    model_type = None
+    if reads_architecture(fields):
+        hp_arch = ARCHITECTURES[str(field_value(fields["general.architecture"]))]
+        model_type = hp_arch.hf_model_types[0]
+    cls = tokenizer_class_from_name(TOKENIZER_MAPPING_NAMES.get(model_type) or
+                                    "TokenizersBackend") if model_type else None
     with metadata_only_gguf(fields, path.name) as meta:
         try:
-            return AutoTokenizer.from_pretrained(str(meta.parent), gguf_file=meta.name)
+            return (cls or AutoTokenizer).from_pretrained(str(meta.parent), gguf_file=meta.name)
         except (ValueError, KeyError, OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise GSQError(f"cannot load GGUF model '{path}': {reason}") from err
+            raise GSQError(f"transformers cannot build a tokenizer from '{path}': "
+                           f"{reason}") from err
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
