@@ -58,14 +58,18 @@ EXPECT = {
 }
 
 
-def _quantize(model_dir: Path, out: Path, calib: Path, **changes) -> Path:
-    """RTN: attention 4-bit, MLP 2-bit, g64 (Q4_0 and Q2_0 in the file)."""
+def _quantize(model_dir: Path, out: Path, calib: Path, target: str | None = None,
+              **changes) -> Path:
+    """RTN: attention 4-bit, MLP 2-bit, g64 (Q4_0 and Q2_0 in the file), unless `changes` or a
+    GGUF `target` say otherwise."""
     from gsq.api import quantize
     from gsq.config import QuantizeConfig
 
     cfg = QuantizeConfig(method="rtn", bits=2, group_size=64, nsamples=2, val_samples=1,
                          gptq_samples=2, seqlen=SEQLEN,
                          bits_overrides=(("*.self_attn.*", 4),)).replace(**changes)
+    if target:
+        cfg = cfg.targeting(target)
     quantize(str(model_dir), cfg, calib=str(calib), out=out, progress=False)
     return out
 
@@ -308,3 +312,76 @@ def test_llama3_rope_parameters_come_back_from_rope_freqs():
     assert isinstance(back["original_max_position_embeddings"], int)
     with pytest.raises(GSQError, match="not a llama3 rope scaling"):
         llama3_rope_params(np.array([1.0, 3.0, 2.0, 8.0]), 500000.0, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# --target gguf:TYPE and gsq refine on non-Llama architectures (widths of 256: K types apply)
+
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def targeted(demo_tok, texts, tmp_path_factory) -> dict:
+    """A wide Qwen3 quantized by GSQ (tiny budget) for `--target gguf:Q4_K`, and its file."""
+    from gsq.quant.trainer import TrainConfig
+
+    root = tmp_path_factory.mktemp("gguf-target")
+    hf = peaked_model_dir("qwen3", demo_tok, root / "hf", head_dim=64, **WIDE)
+    train = TrainConfig(epochs=1, batch_size=2, micro_batch_size=2)
+    qdir = _quantize(hf, root / "q", texts["calib"], "Q4_K", method="gsq", bits_overrides=(),
+                     qk_steps=4, train=train)
+    return {"qdir": qdir, "gguf": root / "q.gguf", "report": export_gguf(qdir, root / "q.gguf")}
+
+
+def test_target_q4_k_on_qwen3_is_written_and_run_as_evaluated(llama_cpp, targeted, texts):
+    from gsq.models.loading import load_base_model
+
+    assert targeted["report"]["quantized_types"] == {"Q4_K": 14}
+    assert targeted["report"]["inexact"] == {}
+    types = {t.name: t.type_name for t in read_gguf(targeted["gguf"])[1]}
+    model, tokenizer = load_base_model(targeted["gguf"])
+    result = numerics_vs_llamacpp(targeted["gguf"], types, model, tokenizer, texts["eval"])
+    assert result["ppl"] == pytest.approx(result["base_ppl"], rel=5e-3), result
+    assert result["kl"] < 1e-2 and result["top1"] > 0.95, result
+
+
+@pytest.fixture(scope="module")
+def refined(llama_cpp, demo_tok, texts, tmp_path_factory) -> dict:
+    """A wide Qwen2 (biases, tied embeddings) quantized to Q2_K by llama.cpp's own quantizer
+    from gsq's F16 base file, then refined by gsq (first block)."""
+    from gsq.config import QuantizeConfig
+    from gsq.eval.llamacpp import quantize_with_llamacpp
+    from gsq.export.gguf_file import write_base_gguf
+    from gsq.export.gguf_refine import refine_gguf
+    from gsq.quant.trainer import TrainConfig
+
+    root = tmp_path_factory.mktemp("gguf-refine")
+    hf = peaked_model_dir("qwen2", demo_tok, root / "hf", **WIDE)
+    write_base_gguf(str(hf), root / "base.gguf")
+    quantize_with_llamacpp(root / "base.gguf", root / "q2k.gguf", "Q2_K", nthread=1)
+    cfg = QuantizeConfig(nsamples=4, val_samples=2, gptq_samples=2, seqlen=SEQLEN, qk_steps=4,
+                         max_blocks=1, train=TrainConfig(epochs=1, batch_size=2,
+                                                         micro_batch_size=2))
+    result = refine_gguf(root / "q2k.gguf", str(hf), root / "refined.gguf", cfg=cfg,
+                         calib=str(texts["calib"]), progress=False, heldout_samples=2)
+    return {"hf": hf, "input": root / "q2k.gguf", "result": result}
+
+
+def test_refine_of_a_llamacpp_qwen2_file(llama_cpp, refined, texts):
+    """Same size and tensor types; refined linears of block 0 only; llama.cpp runs the refined
+    file as gsq's refined model computes (q/k rows not permuted for qwen2)."""
+    result = refined["result"]
+    src, out = refined["input"], result.out
+    assert out.stat().st_size == src.stat().st_size
+    before = [(t.name, t.type_name, t.shape) for t in read_gguf(src)[1]]
+    after_tensors = read_gguf(out)[1]
+    assert before == [(t.name, t.type_name, t.shape) for t in after_tensors]
+    report = result.report
+    assert report["blocks_refined"] == 1 and report["refined"]
+    assert all(name.startswith("blk.0.") for name in report["refined"])
+    assert report["passthrough"]["blk.0.attn_q.bias"]["type"] == "F32"
+    types = {t.name: t.type_name for t in after_tensors}
+    result_model = result.model
+    vs = numerics_vs_llamacpp(out, types, result_model, result.tokenizer, texts["eval"])
+    assert vs["ppl"] == pytest.approx(vs["base_ppl"], rel=5e-3), vs
+    assert vs["kl"] < 1e-2 and vs["top1"] > 0.95, vs
