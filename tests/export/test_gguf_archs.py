@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -87,17 +86,16 @@ def texts(tmp_path_factory) -> dict[str, Path]:
 
 def peaked_model_dir(arch: str, tokenizer, path: Path, **overrides) -> Path:
     """A tiny random model of `arch` with peaked logits and attention, saved as a checkpoint."""
-    from gsq.models.synthetic import build_random_model, random_config, save_random_model
+    from gsq.models.synthetic import (
+        build_random_model,
+        peak_attention,
+        random_config,
+        save_random_model,
+    )
 
     model = build_random_model(random_config(arch, len(tokenizer), **overrides), seed=0,
                                logit_scale=LOGIT_SCALE)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if re.search(r"\.[qk]_proj\.", name):
-                param.mul_(QK_GAIN)
-            elif re.search(r"\.[qk]_norm\.", name):
-                param.mul_(QK_NORM_GAIN)
-    return save_random_model(model, tokenizer, path)
+    return save_random_model(peak_attention(model, QK_GAIN, QK_NORM_GAIN), tokenizer, path)
 
 
 @pytest.fixture(scope="module")

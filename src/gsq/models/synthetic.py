@@ -113,6 +113,22 @@ def build_random_model(config: Any, seed: int = 0, logit_scale: float = 1.0) -> 
     return model.eval().requires_grad_(False)
 
 
+def peak_attention(model: Any, proj_gain: float = 8.0, norm_gain: float = 3.0) -> Any:
+    """Scale every q/k projection (weight and bias) by `proj_gain` and every per-head q/k norm
+    (Qwen3) by `norm_gain`, in place, and return the model. Random weights give near-uniform
+    attention, under which a wrong rotary layout or q/k row order goes unnoticed; peaked
+    attention shows it (a q/k norm undoes the projections' scale, hence its own gain)."""
+    import re
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if re.search(r"\.[qk]_proj\.", name):
+                param.mul_(proj_gain)
+            elif re.search(r"\.[qk]_norm\.", name):
+                param.mul_(norm_gain)
+    return model
+
+
 def save_random_model(model: Any, tokenizer: Any, path: str | Path, max_shard_size: str = "1MB",
                       dtype: torch.dtype = torch.bfloat16) -> Path:
     """Save `model` in `dtype` as the hub models are saved: sharded safetensors with an index,
