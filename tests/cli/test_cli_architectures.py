@@ -78,21 +78,23 @@ def test_unsupported_gguf_architecture(capsys, tmp_path, no_loading):
     assert "unsupported architecture 'gemma3'" in _refused(capsys, tmp_path, path)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
-def test_gguf_target_on_an_architecture_gguf_does_not_write(capsys, tmp_path, no_loading, arch):
-    line = _refused(capsys, tmp_path, _config_dir(tmp_path, arch), "--target", "gguf:Q4_0")
-    assert f"gguf is not supported for '{arch}' models; it is for llama" in line
+@pytest.mark.parametrize("arch, overrides, needle", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32}, "sliding-window"),
+    ("qwen3", {"attention_bias": True}, "attention biases"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope scaling 'dynamic'"),
+])
+def test_gguf_target_checks_the_config_details(capsys, tmp_path, no_loading, arch, overrides,
+                                               needle):
+    """The model type writes GGUF, the config's details do not: refused before loading."""
+    model = _config_dir(tmp_path, arch, **overrides)
+    assert needle in _refused(capsys, tmp_path, model, "--target", "gguf:Q4_0")
 
 
 def test_export_format_gguf_is_checked_like_a_target(capsys, tmp_path, no_loading):
-    line = _refused(capsys, tmp_path, _config_dir(tmp_path, "qwen2"), "--export-format", "gguf")
-    assert "gguf is not supported for 'qwen2'" in line
-
-
-def test_gguf_target_checks_the_config_details(capsys, tmp_path, no_loading):
-    """A llama with llama3 rope scaling: the model type is fine, the rope is not (yet)."""
-    line = _refused(capsys, tmp_path, _config_dir(tmp_path, "llama3"), "--target", "gguf:Q4_0")
-    assert "rope scaling 'llama3'" in line
+    model = _config_dir(tmp_path, "qwen2", use_sliding_window=True, sliding_window=32)
+    line = _refused(capsys, tmp_path, model, "--export-format", "gguf")
+    assert "sliding-window" in line
 
 
 def test_gguf_file_of_another_architecture_with_a_target(capsys, tmp_path, no_loading):
@@ -103,7 +105,8 @@ def test_gguf_file_of_another_architecture_with_a_target(capsys, tmp_path, no_lo
 
 
 def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):
-    """llama + GGUF target and qwen2 + compressed-tensors pass the check and reach loading."""
+    """llama3 and qwen3 + GGUF target, qwen2 + compressed-tensors pass the check and reach
+    loading."""
     import transformers
 
     loaded = []
@@ -113,8 +116,9 @@ def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):
         raise OSError("stop here")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", stop)
-    for arch, extra in (("llama", ["--target", "gguf:Q4_0"]),
+    for arch, extra in (("llama3", ["--target", "gguf:Q4_0"]),
+                        ("qwen3", ["--export-format", "gguf"]),
                         ("qwen2", ["--export-format", "compressed-tensors"])):
         model = _config_dir(tmp_path, arch)
         assert main(["-q", "quantize", str(model), "--out", str(tmp_path / "o"), *extra]) == 2
-    assert loaded == ["llama", "qwen2"]
+    assert loaded == ["llama3", "qwen3", "qwen2"]

@@ -14,7 +14,7 @@ def test_support_table():
     assert set(table) == {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"}
     assert all(set(row) == set(CAPABILITIES) for row in table.values())
     assert all(row["quantize"] and row["compressed-tensors"] for row in table.values())
-    assert table["llama"]["gguf"] and table["llama"]["refine"]
+    assert all(row["gguf"] and row["refine"] for row in table.values())
     for model_type, row in table.items():  # refine runs on what the GGUF layer reads
         assert row["refine"] == (row["gguf"] and row["quantize"]), model_type
     assert not supports("gpt2", "quantize") and not supports("gpt2", "compressed-tensors")
@@ -28,15 +28,21 @@ def test_check_architecture_names_what_is_supported():
         check_architecture("gpt2")
     with pytest.raises(GSQError, match="unsupported architecture 'None'"):
         check_architecture(None)  # a config.json without model_type
-    with pytest.raises(GSQError, match="refine is not supported for 'qwen2' models; it is for "
-                                       "llama"):
-        check_architecture("qwen2", needs=("refine",))
+    check_architecture("qwen2", needs=("refine", "gguf"))
+    with pytest.raises(GSQError, match="sliding-window"):
+        check_architecture("qwen2", random_config("qwen2", 256, use_sliding_window=True,
+                                                  sliding_window=32), ("refine",))
 
 
 def test_gguf_needs_check_the_config_details():
-    check_architecture("llama", random_config("llama", 256), ("gguf",))
-    check_architecture("llama", random_config("llama3", 256))  # no GGUF need: fine
-    with pytest.raises(GSQError, match="rope scaling 'llama3'"):
-        check_architecture("llama", random_config("llama3", 256), ("gguf",))
-    with pytest.raises(GSQError, match="rope scaling 'yarn'"):
-        check_architecture("llama", random_config("llama-yarn", 256), ("refine",))
+    for arch in ("llama", "llama3", "llama-yarn", "mistral", "qwen2", "qwen3"):
+        config = random_config(arch, 256)
+        check_architecture(config.model_type, config, ("gguf", "refine"))
+    dynamic = random_config("llama", 256, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                           "rope_theta": 10000.0})
+    check_architecture("llama", dynamic)  # no GGUF need: fine
+    with pytest.raises(GSQError, match="rope scaling 'dynamic'"):
+        check_architecture("llama", dynamic, ("gguf",))
+    with pytest.raises(GSQError, match="attention biases"):
+        check_architecture("qwen3", random_config("qwen3", 256, attention_bias=True),
+                           ("refine",))
