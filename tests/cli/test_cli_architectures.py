@@ -97,16 +97,27 @@ def test_export_format_gguf_is_checked_like_a_target(capsys, tmp_path, no_loadin
     assert "sliding-window" in line
 
 
-def test_gguf_file_of_another_architecture_with_a_target(capsys, tmp_path, no_loading):
-    """qwen3_moe quantizes, but the GGUF layer does not write it (yet): refused for a target."""
+@pytest.mark.parametrize("overrides, needle", [
+    ({"mlp_only_layers": [0]}, "no dense layers"),
+    ({"norm_topk_prob": False}, "norm_topk_prob"),
+])
+def test_qwen3_moe_configs_gguf_cannot_hold_are_refused(capsys, tmp_path, no_loading, overrides,
+                                                        needle):
+    """qwen3_moe writes GGUF, but llama.cpp's qwen3moe has no dense layers and always
+    renormalises the top-k expert weights: such configs are refused for a target."""
+    model = _config_dir(tmp_path, "qwen3_moe", **overrides)
+    assert needle in _refused(capsys, tmp_path, model, "--target", "gguf:Q4_0")
+
+
+def test_gguf_file_missing_a_key_the_architecture_needs(capsys, tmp_path, no_loading):
     path = _gguf_keys_only(tmp_path / "q.gguf", "qwen3moe")
     line = _refused(capsys, tmp_path, path, "--target", "gguf:Q4_0")
-    assert "gguf is not supported for 'qwen3_moe' models; it is for llama" in line
+    assert "has no key 'qwen3moe.attention.head_count'" in line
 
 
 def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):
-    """llama3 and qwen3 + GGUF target, qwen2 + compressed-tensors pass the check and reach
-    loading."""
+    """llama3, qwen3 and both MoE types + GGUF target, qwen2 + compressed-tensors pass the
+    check and reach loading."""
     import transformers
 
     loaded = []
@@ -118,7 +129,9 @@ def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", stop)
     for arch, extra in (("llama3", ["--target", "gguf:Q4_0"]),
                         ("qwen3", ["--export-format", "gguf"]),
-                        ("qwen2", ["--export-format", "compressed-tensors"])):
+                        ("qwen2", ["--export-format", "compressed-tensors"]),
+                        ("mixtral", ["--target", "gguf:Q4_0"]),
+                        ("qwen3_moe", ["--export-format", "gguf"])):
         model = _config_dir(tmp_path, arch)
         assert main(["-q", "quantize", str(model), "--out", str(tmp_path / "o"), *extra]) == 2
-    assert loaded == ["llama3", "qwen3", "qwen2"]
+    assert loaded == ["llama3", "qwen3", "qwen2", "mixtral", "qwen3_moe"]

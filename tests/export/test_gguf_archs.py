@@ -11,8 +11,8 @@ shows). It is quantized with RTN (attention 4-bit, MLP 2-bit, g64) and exported.
   * llama.cpp's perplexity on a short text agrees within 0.5% with gsq's evaluation of the file
     under llama.cpp's numerics (what `gsq eval FILE.gguf --numerics llama.cpp` computes), and
     its logits are close (KL, top-1).
-Negative controls: the same checks fail for a Qwen2 file written with Llama's q/k row order and
-for a Llama-3 file without its rope_freqs. Configs llama.cpp would run differently are refused.
+Negative controls: the same checks fail for a Qwen2 file written with Llama's q/k row order, for
+a Llama-3 file without its rope_freqs and for a Mixtral file with its experts out of order. Configs llama.cpp would run differently are refused.
 
 Tests that need llama_cpp fail (not skip) when it is missing: CI installs it with `.[dev]`.
 """
@@ -37,7 +37,8 @@ from gsq.gguf import field_value, read_gguf
 SEQLEN, MAX_TOKENS = 64, 1024
 LOGIT_SCALE, QK_GAIN, QK_NORM_GAIN = 20.0, 8.0, 3.0
 DENSE = ("llama-tied", "llama3", "llama-yarn", "mistral", "qwen2", "qwen3")
-ARCHS = DENSE
+MOE = ("qwen3_moe", "mixtral")
+ARCHS = DENSE + MOE
 
 # arch -> (general.architecture, keys with their values, tensors that must be there / absent)
 EXPECT = {
@@ -54,6 +55,17 @@ EXPECT = {
     "qwen3": ("qwen3", {"qwen3.attention.key_length": 32, "qwen3.attention.value_length": 32},
               {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "output.weight"},
               {"blk.0.attn_q.bias"}),
+    "qwen3_moe": ("qwen3moe", {"qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
+                               "qwen3moe.expert_feed_forward_length": 64},
+                  {"blk.0.ffn_gate_inp.weight", "blk.1.ffn_gate_exps.weight",
+                   "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight",
+                   "blk.0.attn_q_norm.weight"},
+                  {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"}),
+    "mixtral": ("llama", {"llama.expert_count": 4, "llama.expert_used_count": 2,
+                          "llama.feed_forward_length": 128},
+                {"blk.0.ffn_gate_inp.weight", "blk.1.ffn_gate_exps.weight",
+                 "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight", "output.weight"},
+                {"blk.0.ffn_gate.weight", "rope_freqs.weight"}),
 }
 
 
@@ -181,9 +193,11 @@ def test_llama3_rope_freqs_are_llama_cpps_factors(exported):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gsq_reads_the_file_back_as_the_quantized_model(exported, loaded, arch):
     """Config as the source's (rope scaling, head_dim, experts, tied embeddings); every quantized
-    linear bit-exact, every other tensor as F16/F32 stored it."""
+    linear (each expert's projection too, a slice of a merged tensor) bit-exact, every other
+    tensor as F16/F32 stored it."""
     from gsq.api import load_any_model
     from gsq.io.quantized_dir import load_records
+    from gsq.models.gguf_decoded import checkpoint_tensors
 
     model, _ = loaded(arch)
     reference, _ = load_any_model(str(exported(arch)["qdir"]))
@@ -191,6 +205,9 @@ def test_gsq_reads_the_file_back_as_the_quantized_model(exported, loaded, arch):
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "tie_word_embeddings", "vocab_size", "rms_norm_eps"):
         assert getattr(ours, key) == getattr(theirs, key), key
+    for key in ("num_experts", "num_local_experts", "num_experts_per_tok",
+                "moe_intermediate_size", "norm_topk_prob"):
+        assert getattr(ours, key, None) == getattr(theirs, key, None), key
     assert ours.head_dim == (getattr(theirs, "head_dim", None)
                              or theirs.hidden_size // theirs.num_attention_heads)
     with torch.no_grad():
@@ -199,8 +216,9 @@ def test_gsq_reads_the_file_back_as_the_quantized_model(exported, loaded, arch):
     torch.testing.assert_close(rope[0], want[0], rtol=1e-6, atol=0)
     assert rope[1] == pytest.approx(want[1], rel=1e-6)
     records = load_records(exported(arch)["qdir"])
-    state, want_state = model.state_dict(), reference.state_dict()
+    state, want_state = checkpoint_tensors(model), checkpoint_tensors(reference)
     assert set(state) == set(want_state)
+    assert any(".experts." in name for name in records) == (arch in MOE)
     for name, value in want_state.items():
         exact = value.dim() == 1 or name.removesuffix(".weight") in records  # else F16
         assert torch.equal(state[name], value if exact else value.half().float()), name
@@ -257,6 +275,25 @@ def test_llama3_without_rope_freqs_disagrees(llama_cpp, exported, loaded, texts,
     assert abs(result["ppl"] / result["base_ppl"] - 1) > 5e-3 and result["kl"] > 0.1, result
 
 
+def test_mixtral_with_experts_out_of_order_disagrees(llama_cpp, exported, loaded, texts,
+                                                     tmp_path, monkeypatch):
+    """Each merged expert tensor written with its experts in reverse order: llama.cpp runs
+    the router's choices on the wrong experts, which the agreement check notices."""
+    merge = gguf_file._merge_experts
+
+    def reversed_experts(mp):
+        mp.setattr(gguf_file, "_merge_experts", lambda name, parts: merge(
+            name, {len(parts) - 1 - e: p for e, p in parts.items()}))
+
+    bad = _rewritten(exported, "mixtral", tmp_path, monkeypatch, reversed_experts)
+    model, tokenizer = loaded("mixtral")
+    result = numerics_vs_llamacpp(bad, exported("mixtral")["types"], model, tokenizer,
+                                  texts["eval"])
+    # the tiny experts move the residual stream less than attention does: a smaller KL than
+    # the controls above, still twice the agreement bound
+    assert abs(result["ppl"] / result["base_ppl"] - 1) > 5e-3 and result["kl"] > 2e-2, result
+
+
 # --------------------------------------------------------------------------------------------
 # Refusals: configs llama.cpp would run differently
 
@@ -270,6 +307,10 @@ def test_llama3_without_rope_freqs_disagrees(llama_cpp, exported, loaded, texts,
     ("qwen3", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0,
                                    "factor": 8.0}}, "rope scaling 'llama3' for 'qwen3'"),
     ("qwen2", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "no dense layers"),
+    ("mixtral", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}},
+     "rope scaling 'dynamic'"),
 ])
 def test_configs_llamacpp_would_run_differently_are_refused(exported, tmp_path, arch, change,
                                                             needle):

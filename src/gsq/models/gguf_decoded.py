@@ -112,8 +112,19 @@ def gguf_tokenizer(path: Path, fields: dict[str, Any]) -> Any:
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter of `model` under its checkpoint name (a tied lm_head once, as the
-    embedding)."""
-    return dict(model.named_parameters())
+    embedding); an MoE model's fused expert parameters as one `(out, in)` view per expert
+    projection, named as in the checkpoint (`...experts.{e}.gate_proj.weight`): the slices of
+    the merged `ffn_*_exps` tensors the adapter maps them to."""
+    from gsq.models.registry import adapter_for
+
+    params = dict(model.named_parameters())
+    adapter = adapter_for(model.config.model_type)
+    experts = {f"{name}.weight": adapter.model_weight(model, name)
+               for name in adapter.expert_linears(model)}
+    fused = {view.untyped_storage().data_ptr() for view in experts.values()}
+    dense = {name: p for name, p in params.items()
+             if p.untyped_storage().data_ptr() not in fused}
+    return {**dense, **experts}
 
 
 def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Path) -> None:
