@@ -3,7 +3,8 @@
 Each architecture's tiny random model (gsq.models.synthetic: 2 blocks, SmolLM2's tokenizer) is made
 peaked where a broken layout would otherwise hide: the final norm is scaled (peaked logits) and so
 are the q/k projections, or Qwen3's q/k norms (peaked attention, so that a wrong rotary layout
-shows). It is quantized with RTN (attention 4-bit, MLP 2-bit, g64) and exported. Per file:
+shows). It is quantized with RTN (attention 4-bit, MLP 2-bit, g64) and exported; the MoE
+models (qwen3_moe, mixtral: 4 experts, top-2) write their experts as merged tensors. Per file:
   * the keys and tensors llama.cpp's loader for the architecture reads are there (biases, q/k
     norms, rope scaling keys or llama3's rope_freqs, merged expert tensors and routers, expert
     counts), with the types llama.cpp expects (norms, biases, routers F32);
@@ -12,7 +13,8 @@ shows). It is quantized with RTN (attention 4-bit, MLP 2-bit, g64) and exported.
     under llama.cpp's numerics (what `gsq eval FILE.gguf --numerics llama.cpp` computes), and
     its logits are close (KL, top-1).
 Negative controls: the same checks fail for a Qwen2 file written with Llama's q/k row order, for
-a Llama-3 file without its rope_freqs and for a Mixtral file with its experts out of order. Configs llama.cpp would run differently are refused.
+a Llama-3 file without its rope_freqs and for a Mixtral file with its experts out of order.
+Configs llama.cpp would run differently are refused, and so is `gsq refine` of an MoE file.
 
 Tests that need llama_cpp fail (not skip) when it is missing: CI installs it with `.[dev]`.
 """
@@ -321,6 +323,19 @@ def test_configs_llamacpp_would_run_differently_are_refused(exported, tmp_path, 
     with pytest.raises(GSQError, match=needle):
         export_gguf(copy, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_refine_of_a_moe_file_is_refused_before_loading(exported, tmp_path, monkeypatch):
+    from gsq.export.gguf_refine import refine_gguf
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("the base model was loaded before the architecture check")
+
+    monkeypatch.setattr("gsq.api.load_any_model", no_loading)
+    files = exported("qwen3_moe")
+    with pytest.raises(GSQError, match="refine is not supported for 'qwen3_moe' models"):
+        refine_gguf(files["gguf"], str(files["hf"]), tmp_path / "r.gguf")
+    assert not (tmp_path / "r.gguf").exists()
 
 
 def test_mistral_sliding_window_caps_the_context(exported, tmp_path):

@@ -376,14 +376,15 @@ def write_base_gguf(model_source: str, out: str | Path, float_type: str = "F16",
     model_source: anything `gsq quantize` accepts as a base model (.gguf, HF folder or id, the
     demo alias). Returns the report of `export_gguf`.
     """
+    from gsq.models.gguf_decoded import checkpoint_tensors
     from gsq.models.loading import load_base_model, resolve_model_source
 
     check_output_path(out, overwrite)
     resolved = resolve_model_source(model_source)
     model, tokenizer = load_base_model(resolved)
     hp = model_hparams(model.config)
-    state = model.state_dict()
-    weights = {k: (tuple(v.shape), (lambda v=v: v)) for k, v in state.items()}
+    weights = {k: (tuple(v.shape), (lambda v=v: v.detach()))
+               for k, v in checkpoint_tensors(model).items()}  # experts one by one
     planned = plan_tensors(weights, {}, hp, float_type)
     if str(resolved).lower().endswith(".gguf"):
         tokenizer_kv, tokenizer_from = tokenizer_kv_from_gguf(resolved, hp.n_vocab), str(resolved)
