@@ -3,8 +3,9 @@
 Each architecture's tiny random model (gsq.models.synthetic: 2 blocks, SmolLM2's tokenizer) is made
 peaked where a broken layout would otherwise hide: the final norm is scaled (peaked logits) and so
 are the q/k projections, or Qwen3's q/k norms (peaked attention, so that a wrong rotary layout
-shows). It is quantized with RTN (attention 4-bit, MLP 2-bit, g64) and exported; the MoE
-models (qwen3_moe, mixtral: 4 experts, top-2) write their experts as merged tensors. Per file:
+shows). It is quantized with RTN (attention 4-bit, MLP 2-bit, g64; Mixtral by GPTQ with
+`--target gguf:Q4_0`) and exported; the MoE models (qwen3_moe, mixtral: 4 experts, top-2) write
+their experts as merged tensors. Per file:
   * the keys and tensors llama.cpp's loader for the architecture reads are there (biases, q/k
     norms, rope scaling keys or llama3's rope_freqs, merged expert tensors and routers, expert
     counts), with the types llama.cpp expects (norms, biases, routers F32);
@@ -41,6 +42,9 @@ LOGIT_SCALE, QK_GAIN, QK_NORM_GAIN = 20.0, 8.0, 3.0
 DENSE = ("llama-tied", "llama3", "llama-yarn", "mistral", "qwen2", "qwen3")
 MOE = ("qwen3_moe", "mixtral")
 ARCHS = DENSE + MOE
+# quantized another way than RTN at the default grids: Mixtral by GPTQ (per-expert Hessians)
+# for `--target gguf:Q4_0`, so every linear, each expert's too, is Q4_0 in the file
+TARGETED = {"mixtral": dict(target="Q4_0", method="gptq", bits_overrides=())}
 
 # arch -> (general.architecture, keys with their values, tensors that must be there / absent)
 EXPECT = {
@@ -122,7 +126,7 @@ def exported(demo_tok, texts, tmp_path_factory):
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"gguf-{arch}")
             hf = peaked_model_dir(arch, demo_tok, root / "hf")
-            qdir = _quantize(hf, root / "q", texts["calib"])
+            qdir = _quantize(hf, root / "q", texts["calib"], **TARGETED.get(arch, {}))
             report = export_gguf(qdir, root / "q.gguf")
             fields, tensors = read_gguf(root / "q.gguf")
             cache[arch] = {"hf": hf, "qdir": qdir, "gguf": root / "q.gguf", "report": report,
@@ -178,7 +182,7 @@ def test_the_file_has_what_llamacpp_loads(exported, arch):
         elif ".attn_" in tensor:
             assert qtype == "Q4_0", tensor
         elif ".ffn_" in tensor:
-            assert qtype == "Q2_0", tensor
+            assert qtype == ("Q4_0" if arch in TARGETED else "Q2_0"), tensor
 
 
 def test_llama3_rope_freqs_are_llama_cpps_factors(exported):
@@ -291,9 +295,10 @@ def test_mixtral_with_experts_out_of_order_disagrees(llama_cpp, exported, loaded
     model, tokenizer = loaded("mixtral")
     result = numerics_vs_llamacpp(bad, exported("mixtral")["types"], model, tokenizer,
                                   texts["eval"])
-    # the tiny experts move the residual stream less than attention does: a smaller KL than
-    # the controls above, still twice the agreement bound
-    assert abs(result["ppl"] / result["base_ppl"] - 1) > 5e-3 and result["kl"] > 2e-2, result
+    # the tiny experts move the residual stream less than attention does: the KL is smaller
+    # than in the controls above (the good file's is ~1e-6), still twice the agreement bound;
+    # the perplexity, an average over confidently wrong predictions, moves by only ~0.5%
+    assert result["kl"] > 2e-2 and result["top1"] < 0.95, result
 
 
 # --------------------------------------------------------------------------------------------
