@@ -39,7 +39,6 @@ from gsq.eval.llamacpp import llamacpp_compare, quantize_with_llamacpp
 from gsq.eval.llamacpp_numerics import linear_roundings, llamacpp_numerics
 from gsq.export.compressed_tensors import export_compressed_tensors
 from gsq.export.gguf_file import export_gguf, write_base_gguf
-from gsq.export.gguf_refine import refine_gguf
 from gsq.gguf import read_gguf
 from gsq.models.loading import load_base_model, peek_architecture
 from gsq.models.quantized import load_quantized
@@ -52,6 +51,7 @@ from gsq.models.synthetic import (
     save_random_model,
 )
 from gsq.quant.trainer import TrainConfig
+from gsq.refine import refine_gguf
 
 ROPE_LINEAR = {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
 CASES = {

@@ -15,7 +15,7 @@ their experts as merged tensors. Per file:
     its logits are close (KL, top-1).
 Negative controls: the same checks fail for a Qwen2 file written with Llama's q/k row order, for
 a Llama-3 file without its rope_freqs and for a Mixtral file with its experts out of order.
-Configs llama.cpp would run differently are refused, and so is `gsq refine` of an MoE file.
+Configs llama.cpp would run differently are refused.
 
 Tests that need llama_cpp fail (not skip) when it is missing: CI installs it with `.[dev]`.
 """
@@ -330,19 +330,6 @@ def test_configs_llamacpp_would_run_differently_are_refused(exported, tmp_path, 
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_refine_of_a_moe_file_is_refused_before_loading(exported, tmp_path, monkeypatch):
-    from gsq.export.gguf_refine import refine_gguf
-
-    def no_loading(*args, **kwargs):
-        pytest.fail("the base model was loaded before the architecture check")
-
-    monkeypatch.setattr("gsq.api.load_any_model", no_loading)
-    files = exported("qwen3_moe")
-    with pytest.raises(GSQError, match="refine is not supported for 'qwen3_moe' models"):
-        refine_gguf(files["gguf"], str(files["hf"]), tmp_path / "r.gguf")
-    assert not (tmp_path / "r.gguf").exists()
-
-
 def test_mistral_sliding_window_caps_the_context(exported, tmp_path):
     """llama.cpp's llama architecture attends to the whole context: the file's context length
     is the window, within which both compute the same."""
@@ -411,8 +398,8 @@ def refined(llama_cpp, demo_tok, texts, tmp_path_factory) -> dict:
     from gsq.config import QuantizeConfig
     from gsq.eval.llamacpp import quantize_with_llamacpp
     from gsq.export.gguf_file import write_base_gguf
-    from gsq.export.gguf_refine import refine_gguf
     from gsq.quant.trainer import TrainConfig
+    from gsq.refine import refine_gguf
 
     root = tmp_path_factory.mktemp("gguf-refine")
     hf = peaked_model_dir("qwen2", demo_tok, root / "hf", **WIDE)
@@ -442,5 +429,52 @@ def test_refine_of_a_llamacpp_qwen2_file(llama_cpp, refined, texts):
     types = {t.name: t.type_name for t in after_tensors}
     result_model = result.model
     vs = numerics_vs_llamacpp(out, types, result_model, result.tokenizer, texts["eval"])
+    assert vs["ppl"] == pytest.approx(vs["base_ppl"], rel=5e-3), vs
+    assert vs["kl"] < 1e-2 and vs["top1"] > 0.95, vs
+
+
+@pytest.fixture(scope="module")
+def refined_moe(llama_cpp, demo_tok, texts, tmp_path_factory) -> dict:
+    """The tiny Qwen3-MoE quantized to Q4_0 by llama.cpp's own quantizer from gsq's F16 base
+    file (merged expert tensors), then refined by gsq (first block, every expert)."""
+    from gsq.config import QuantizeConfig
+    from gsq.eval.llamacpp import quantize_with_llamacpp
+    from gsq.export.gguf_file import write_base_gguf
+    from gsq.quant.trainer import TrainConfig
+    from gsq.refine import refine_gguf
+
+    root = tmp_path_factory.mktemp("gguf-refine-moe")
+    hf = peaked_model_dir("qwen3_moe", demo_tok, root / "hf")
+    write_base_gguf(str(hf), root / "base.gguf")
+    quantize_with_llamacpp(root / "base.gguf", root / "q4_0.gguf", "Q4_0", nthread=1)
+    cfg = QuantizeConfig(nsamples=4, val_samples=2, gptq_samples=2, seqlen=SEQLEN, qk_steps=4,
+                         max_blocks=1, train=TrainConfig(epochs=2, batch_size=2,
+                                                         micro_batch_size=2))
+    result = refine_gguf(root / "q4_0.gguf", str(hf), root / "refined.gguf", cfg=cfg,
+                         calib=str(texts["calib"]), progress=False, heldout_samples=2)
+    return {"input": root / "q4_0.gguf", "result": result}
+
+
+def test_refine_of_a_llamacpp_moe_file(llama_cpp, refined_moe, texts):
+    """Every expert of block 0 refined as its own slice of the merged tensors, patched in place
+    (same tensors, types and size); llama.cpp runs the refined file as gsq's refined model
+    computes."""
+    result = refined_moe["result"]
+    src, out = refined_moe["input"], result.out
+    assert out.stat().st_size == src.stat().st_size
+    before = [(t.name, t.type_name, t.shape) for t in read_gguf(src)[1]]
+    after_tensors = read_gguf(out)[1]
+    assert before == [(t.name, t.type_name, t.shape) for t in after_tensors]
+    refined = result.report["refined"]
+    experts = {f"blk.0.ffn_{p}_exps.weight[{e}]" for p in ("gate", "up", "down")
+               for e in range(4)}
+    assert experts <= set(refined) and all(k.startswith("blk.0.") for k in refined)
+    assert refined["blk.0.ffn_down_exps.weight[3]"]["module"] == \
+        "model.layers.0.mlp.experts.3.down_proj"
+    assert result.report["passthrough"]["blk.1.ffn_up_exps.weight"]["reason"].startswith(
+        "block not refined")
+    assert result.report["passthrough"]["blk.0.ffn_gate_inp.weight"]["type"] == "F32"
+    types = {t.name: t.type_name for t in after_tensors}
+    vs = numerics_vs_llamacpp(out, types, result.model, result.tokenizer, texts["eval"])
     assert vs["ppl"] == pytest.approx(vs["base_ppl"], rel=5e-3), vs
     assert vs["kl"] < 1e-2 and vs["top1"] > 0.95, vs

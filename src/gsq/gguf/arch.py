@@ -593,14 +593,22 @@ def rotary_rows(x: np.ndarray, n_heads: int, to_hf: bool) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(*split, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape))
 
 
+def expert_slice(t: GGUFTensor, expert: int) -> GGUFTensor:
+    """Expert `expert`'s `(out, in)` part of a merged `[n_expert, out, in]` tensor: its rows of
+    blocks (experts are stored one after the other) and their absolute offset in the file."""
+    if len(t.shape) != 3 or not 0 <= expert < t.shape[0]:
+        raise GSQError(f"'{t.name}' {list(t.shape)} has no expert {expert}")
+    rows = t.data.shape[0] // t.shape[0]  # one expert's rows of blocks
+    data = t.data[expert * rows:(expert + 1) * rows]
+    return GGUFTensor(t.name, t.type_name, t.shape[1:], data, t.offset + expert * data.nbytes)
+
+
 def hf_values(t: GGUFTensor, heads: int | None, expert: int | None = None) -> torch.Tensor:
     """The decoded tensor (fp32, `t.shape`, or expert `expert`'s slice of a merged one) in HF
     row order: attn_q / attn_k rows (`heads` from `qk_heads`) taken back from llama.cpp's
     interleaved rotary order; None: as stored."""
     if expert is not None:
-        rows = t.data.shape[0] // t.shape[0]  # one expert's rows of blocks
-        t = GGUFTensor(t.name, t.type_name, t.shape[1:],
-                       t.data[expert * rows:(expert + 1) * rows], t.offset)
+        t = expert_slice(t, expert)
     values = decode_tensor(t)
     return torch.from_numpy(rotary_rows(values, heads, True) if heads else values)
 

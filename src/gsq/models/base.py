@@ -49,8 +49,6 @@ class ModelAdapter:
     stages: tuple[StageSpec, ...] = ()
     # its quantized linears export as compressed-tensors (gsq.models.registry.support_table)
     compressed_tensors: bool = False
-    # `gsq refine` can map its linears onto a llama.cpp file's tensors (support_table)
-    refine: bool = False
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError

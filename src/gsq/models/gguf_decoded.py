@@ -127,6 +127,15 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dense, **experts}
 
 
+def model_slots(tensors: list[GGUFTensor], model: torch.nn.Module, hp, path: str | Path,
+                owner: str = "the base model") -> dict[tuple[str, int | None], str]:
+    """(GGUF name, expert index) -> checkpoint name of every tensor of `model`
+    (`checkpoint_tensors`: an expert's projection is slice e of a merged tensor); GSQError
+    naming the first tensor the file lacks or whose shape differs (`gsq.gguf.match_slots`)."""
+    weights = {name: tuple(p.shape) for name, p in checkpoint_tensors(model).items()}
+    return match_slots(tensors, weights, hp, path, owner)
+
+
 def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Path) -> None:
     """Write every parameter of `model` from the file's decoded tensors (q/k rows in HF order).
 
@@ -137,8 +146,7 @@ def fill_parameters(model: torch.nn.Module, tensors: list[GGUFTensor], path: Pat
     except GSQError as err:
         raise GSQError(f"cannot load GGUF model '{path}': {err}") from None
     params = checkpoint_tensors(model)
-    weights = {name: tuple(p.shape) for name, p in params.items()}
-    slots = match_slots(tensors, weights, hp, path, owner="the model its keys describe")
+    slots = model_slots(tensors, model, hp, path, owner="the model its keys describe")
     by_name = {t.name: t for t in tensors}
     for (gguf_name, expert), hf_name in slots.items():
         value = hf_values(by_name[gguf_name], qk_heads(gguf_name, hp), expert)

@@ -18,7 +18,6 @@ from gsq.models.base import ModelAdapter, StageSpec
 class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     compressed_tensors = True
-    refine = True
     stages = (
         StageSpec("qk", ("self_attn.q_proj", "self_attn.k_proj"), "quadratic"),
         StageSpec("vo", ("self_attn.v_proj", "self_attn.o_proj"), "attention",

@@ -52,7 +52,6 @@ class MoEAdapter(LlamaAdapter):
     """Llama-style attention plus a routed MoE MLP; subclasses give the checkpoint naming."""
 
     moe_prefix = "mlp."  # checkpoint prefix of the MoE block relative to the decoder block
-    refine = False  # experts are slices of merged GGUF tensors, which refine does not patch yet
     expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     @cached_property

@@ -5,9 +5,8 @@ supports (`support_table()`) comes from one place per fact:
   quantize            an adapter is registered for the model type (rtn, gptq and gsq alike);
   compressed-tensors  the adapter says its quantized linears export as compressed-tensors;
   gguf                the GGUF layer's own table of the model types it writes;
-  refine              gguf, and the adapter says `gsq refine` can map its linears onto a file's
-                      tensors: refine reads the file with the GGUF layer and runs the adapter's
-                      block loop.
+  refine              gguf and quantize: `gsq refine` reads the file with the GGUF layer and runs
+                      the adapter's block loop.
 `check_architecture` refuses a model type, or a model type plus what the run will need (an export
 format, a GGUF target), from its config alone, before any weight is loaded.
 """
@@ -80,7 +79,7 @@ def supports(model_type: str, capability: str) -> bool:
     if capability == COMPRESSED_TENSORS:
         return adapter is not None and adapter.compressed_tensors
     gguf = model_type in _gguf_model_types()
-    return gguf if capability == GGUF else gguf and adapter is not None and adapter.refine
+    return gguf if capability == GGUF else gguf and adapter is not None
 
 
 def support_table() -> dict[str, dict[str, bool]]:

@@ -159,7 +159,7 @@ class SafetensorsSource(WeightSource):
 
 
 class GGUFSource(WeightSource):
-    """A `.gguf` file of the `llama` architecture, decoded tensor by tensor."""
+    """A `.gguf` file of a dense architecture gsq writes, decoded tensor by tensor."""
 
     kind = "gguf"
 
@@ -369,6 +369,8 @@ def _open_gguf(path: Path) -> StreamedModel:
     from gsq.models.gguf_decoded import gguf_config_and_tokenizer
 
     config, tokenizer = gguf_config_and_tokenizer(path, fields, tensors)
+    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+        return _open_in_memory(str(path), [path])  # experts: fused parameters, filled whole
     config.dtype = torch.float32  # decoded GGUF values are written in fp32 (floats as stored)
     model = skeleton(config)
     return StreamedModel(model, tokenizer, GGUFSource(path, tensors, model))

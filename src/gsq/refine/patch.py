@@ -47,14 +47,14 @@ def encode_target(target: FileLinear, record: AffineWeight) -> tuple[np.ndarray,
 
 
 def encode_all(plan: Plan, records: dict[str, AffineWeight]) -> tuple[dict, dict]:
-    """Bytes of every refined tensor whose codes or scales changed (by GGUF name), and the
-    report entry of every refined tensor."""
+    """Bytes of every refined tensor whose codes or scales changed, and the report entry of every
+    refined tensor, by `FileLinear.key` (the GGUF name; `name[e]` for expert e's slice)."""
     patches, entries = {}, {}
     for module, target in plan.targets.items():
         data, changed, scales_changed = encode_target(target, records[module])
         if changed or scales_changed:
-            patches[target.gguf_name] = data
-        entries[target.gguf_name] = _tensor_entry(target, changed, scales_changed)
+            patches[target.key] = data
+        entries[target.key] = _tensor_entry(target, changed, scales_changed)
     return patches, entries
 
 

@@ -20,6 +20,7 @@ from gsq.gguf import (
     GGUFTensor,
     HParams,
     decode_assignment,
+    expert_slice,
     field_value,
     hf_values,
     qk_heads,
@@ -38,11 +39,17 @@ class FileLinear:
     """One linear of a refined block, read from the file on demand (one block in memory)."""
 
     gguf_name: str
-    module: str  # full HF module name, e.g. model.layers.0.mlp.down_proj
-    tensor: GGUFTensor
+    module: str  # full checkpoint module name, e.g. model.layers.0.mlp.experts.3.down_proj
+    tensor: GGUFTensor  # its own (out, in) tensor: for an expert, its slice of the merged one
     heads: int | None  # rotary heads of the q/k row permutation, None for other tensors
     refine: bool  # False: passed through (its decoded values are fixed in the block)
     train_scale: bool = False
+    expert: int | None = None  # index in a merged ffn_*_exps tensor
+
+    @property
+    def key(self) -> str:
+        """Its name in patches and reports: the GGUF name, with `[e]` for expert e's slice."""
+        return self.gguf_name if self.expert is None else f"{self.gguf_name}[{self.expert}]"
 
     def assignment(self) -> Assignment:
         """The file's codes and affine maps, rows in HF order."""
@@ -63,7 +70,8 @@ class FileLinear:
 class Plan:
     """What happens to every tensor of the file."""
 
-    by_gguf: dict[str, str]  # GGUF tensor name -> HF parameter name (tensors with a counterpart)
+    # (GGUF tensor name, expert index or None) -> checkpoint name of the base model's tensor
+    slots: dict[tuple[str, int | None], str]
     linears: dict[str, FileLinear] = field(default_factory=dict)  # the refined blocks', by module
     passthrough: dict[str, dict] = field(default_factory=dict)  # GGUF name -> {type, reason}
 
@@ -126,67 +134,75 @@ def _record(a: Assignment, train_scale: bool) -> AffineWeight:
                         snap)
 
 
-def _block_linears(adapter, cfg, n_blocks: int) -> tuple[list[str], set[str]]:
-    """Full names of the prefix blocks' linears, and those the block loop will ask for."""
+def _block_linears(adapter, cfg, blocks: list[nn.Module]) -> tuple[list[str], set[str]]:
+    """Full names of the prefix blocks' linears (MoE experts each), and those the block loop
+    will ask for."""
     from gsq.calib.sequential import active_stages
 
-    in_scope = {n for s in active_stages(adapter, cfg) for n in s.linears}
-    prefix = adapter.first_block_prefix()
-    every = [prefix.format(i=i) + n for i in range(n_blocks) for n in adapter.linear_names()]
-    asked = {prefix.format(i=i) + n for i in range(n_blocks) for n in in_scope}
+    every, asked = [], set()
+    for i, block in enumerate(blocks):
+        prefix = adapter.first_block_prefix().format(i=i)
+        every += [prefix + n for s in adapter.block_stages(block) for n in s.linears]
+        asked |= {prefix + n for s in active_stages(adapter, cfg, block) for n in s.linears}
     return every, asked
 
 
-def make_plan(tensors: list[GGUFTensor], by_gguf: dict[str, str], hp: HParams, adapter,
-              cfg, n_blocks: int, scales: str) -> Plan:
-    """Sort the file's tensors into refined targets, fixed prefix linears and pass-through."""
-    plan = Plan(by_gguf)
-    by_hf = {hf: g for g, hf in by_gguf.items()}
+def make_plan(tensors: list[GGUFTensor], slots: dict[tuple[str, int | None], str],
+              hp: HParams, adapter, cfg, blocks: list[nn.Module], scales: str) -> Plan:
+    """Sort the file's tensors into refined targets, fixed prefix linears and pass-through
+    (`slots`: `gsq.models.gguf_decoded.model_slots`; `blocks`: the blocks to refine)."""
+    plan = Plan(slots)
+    by_hf = {hf: slot for slot, hf in slots.items()}
     by_name = {t.name: t for t in tensors}
-    every, asked = _block_linears(adapter, cfg, n_blocks)
+    every, asked = _block_linears(adapter, cfg, blocks)
     for module in every:
-        gguf_name = by_hf[f"{module}.weight"]
+        gguf_name, expert = by_hf[f"{module}.weight"]
         t = by_name[gguf_name]
+        if expert is not None:
+            t = expert_slice(t, expert)
         reason = None
         if module not in asked:
             reason = "outside the refined stages (--scope)"
         elif t.type_name not in REFINABLE_TYPES:
             reason = f"type {t.type_name} has no integer codes gsq can refine"
         train = scales == "train" and t.type_name in TRAINABLE_SCALE_TYPES
-        plan.linears[module] = FileLinear(gguf_name, module, t, qk_heads(gguf_name, hp),
-                                       reason is None, train)
+        linear = FileLinear(gguf_name, module, t, qk_heads(gguf_name, hp), reason is None, train,
+                            expert)
+        plan.linears[module] = linear
         if reason is not None:
-            plan.passthrough[gguf_name] = {"type": t.type_name, "reason": reason}
-    refined = {x.gguf_name for x in plan.targets.values()}
+            plan.passthrough[linear.key] = {"type": t.type_name, "reason": reason}
+    classified = {x.gguf_name for x in plan.linears.values()}
+    mapped = {name for name, _ in slots}
     for t in tensors:
-        if t.name not in refined and t.name not in plan.passthrough:
-            plan.passthrough[t.name] = {"type": t.type_name, "reason": _reason(t, by_gguf)}
+        if t.name not in classified:
+            plan.passthrough[t.name] = {"type": t.type_name, "reason": _reason(t, mapped)}
     return plan
 
 
-def _reason(t: GGUFTensor, by_gguf: dict[str, str]) -> str:
+def _reason(t: GGUFTensor, mapped: set[str]) -> str:
     """Why a tensor outside the refined blocks' linears passes through."""
-    if t.name not in by_gguf:
+    if t.name not in mapped:
         return "no counterpart in the base model"
-    if t.name.startswith("blk.") and len(t.shape) == 2:
+    if t.name.startswith("blk.") and len(t.shape) in (2, 3):  # 3-D: merged experts
         return "block not refined (--max-blocks)"
     return "not a block linear"
 
 
 def load_file_values(model: nn.Module, tensors: list[GGUFTensor], plan: Plan,
                      hp: HParams) -> None:
-    """Write the file's decoded values into every parameter except the refined blocks' linears,
-    which keep their full-precision values for the targets (step 3)."""
-    params = dict(model.named_parameters())
+    """Write the file's decoded values into every parameter (each expert's slice of a fused one)
+    except the refined blocks' linears, which keep their full-precision values for the targets
+    (step 3)."""
+    from gsq.models.gguf_decoded import checkpoint_tensors
+
+    params = checkpoint_tensors(model)
     keep = {f"{m}.weight" for m in plan.linears}
-    for t in tensors:
-        hf_name = plan.by_gguf.get(t.name)
-        if hf_name is None or hf_name in keep:
+    by_name = {t.name: t for t in tensors}
+    for (gguf_name, expert), hf_name in plan.slots.items():
+        if hf_name in keep:
             continue
-        param = params.get(hf_name)
-        if param is None:  # a buffer, or a tied duplicate
-            continue
-        values = hf_values(t, qk_heads(t.name, hp))
+        param = params[hf_name]
+        values = hf_values(by_name[gguf_name], qk_heads(gguf_name, hp), expert)
         with torch.no_grad():
             param.copy_(values.reshape(param.shape).to(param.dtype))
 

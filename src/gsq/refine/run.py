@@ -4,7 +4,9 @@
 Pipeline (`refine_gguf`):
   1. read the file and each tensor's byte offset; architectures of `gsq.gguf.ARCHITECTURES`;
   2. load the full-precision base model (HF id or folder, .gguf, 'smollm2-demo'), map every GGUF
-     tensor to its HF parameter (`gsq.gguf.tensor_name`) and check names, shapes and head counts;
+     tensor to its HF parameter (`gsq.gguf.tensor_slot`; an MoE expert's projection to its slice
+     of a merged `ffn_*_exps` tensor, refined and patched as a tensor of its own) and check names,
+     shapes and head counts;
   3. make the in-memory model the file's model, except the linears of the blocks to refine, which
      stay full precision until their block is done (their block gives the FP targets): embeddings,
      norms, the output matrix and later blocks hold the file's decoded values, so each block's
@@ -45,8 +47,9 @@ from gsq.calib.sequential import run_quantization
 from gsq.calib.windows import calibration_tokens, calibration_windows
 from gsq.config import resolve_device
 from gsq.errors import GSQError
-from gsq.gguf import check_file_hparams, match_tensors, model_hparams, read_gguf
+from gsq.gguf import check_file_hparams, model_hparams, read_gguf
 from gsq.io.quantized_dir import check_output_path
+from gsq.models.gguf_decoded import model_slots
 from gsq.models.loading import load_any_model, peek_architecture, resolve_model_source
 from gsq.models.registry import REFINE, adapter_for, check_architecture
 from gsq.refine.accept import BlockAcceptance, HeldOut, file_swap
@@ -110,7 +113,6 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     cfg, dev = refine_config(cfg, scales), resolve_device(device)
     fields, tensors = read_gguf(src)
     file_architecture(fields, src)
-    offsets = {t.name: t.offset for t in tensors}
     base_type, base_config = peek_architecture(resolve_model_source(base))
     try:  # before the base model's weights are loaded
         check_architecture(base_type, base_config, needs=(REFINE,))
@@ -124,8 +126,8 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     adapter = adapter_for(model.config.model_type)
     check_file_hparams(fields, hp, src)
     n_blocks = min(hp.n_layer, cfg.max_blocks or hp.n_layer)
-    plan = make_plan(tensors, match_tensors(tensors, model, hp, src), hp, adapter, cfg, n_blocks,
-                     scales)
+    plan = make_plan(tensors, model_slots(tensors, model, hp, src), hp, adapter, cfg,
+                     list(adapter.blocks(model))[:n_blocks], scales)
     windows = calibration_windows(calibration_tokens(tokenizer, calib), cfg,
                                   test=cfg.val_samples if heldout_samples is None
                                   else heldout_samples)
@@ -142,8 +144,9 @@ def refine_gguf(quantized: str | Path, base: str, out: str | Path, *, cfg=None,
     rows = [{"block": i, "file_rel_mse": e, "refined_rel_mse": r}
             for i, (e, r) in enumerate(zip(file_errors, heldout.errors() if heldout else [],
                                            strict=True))]
-    size = write_patched(src, out, patches, offsets,
-                         {x.gguf_name: x.tensor.data for x in plan.targets.values()}, overwrite)
+    targets = plan.targets.values()  # an expert's tensor is its slice, at its own offset
+    size = write_patched(src, out, patches, {x.key: x.tensor.offset for x in targets},
+                         {x.key: x.tensor.data for x in targets}, overwrite)
     report = _report(src, base, out, size, cfg, scales, plan, refined, patches, rows, run,
                      time.perf_counter() - t0)
     write_report(report_path(out), report)
