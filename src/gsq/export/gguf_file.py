@@ -404,8 +404,8 @@ def _read_config(qdir: Path) -> Any:
 
     try:
         return AutoConfig.from_pretrained(str(qdir))
-    except (OSError, ValueError) as err:
-        raise GSQError(f"cannot read the model config of '{qdir}': {err}") from err
+    except (OSError, ValueError, KeyError) as err:  # KeyError: incomplete rope parameters
+        raise GSQError(f"cannot read the model config of '{qdir}': {err!s}") from err
 
 
 def _checkpoint_weights(qdir: Path) -> dict[str, tuple[tuple[int, ...], Callable]]:
