@@ -1,5 +1,5 @@
 """Streaming on a GPU machine: a random Llama-3.1-8B-shaped model quantized with GSQ, peak host and
-GPU memory against `gsq plan`'s prediction (RESULTS.md §11). One command, no network:
+GPU memory against `gsq plan`'s prediction (RESULTS.md §15, issue 12). One command, no network:
 
     python benchmarks/gpu_scale.py --root /tmp/gsq-8b --json gpu_scale.json
 

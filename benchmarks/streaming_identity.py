@@ -9,7 +9,7 @@ codes, scales and the weights `gsq.load_quantized` rebuilds, tensor by tensor, b
 Both runs get the same calibration text (--calib, default the bundled book) and the newer one
 `--after-flags` (default `--e2e-epochs 0`: the end-to-end stage came after streaming).
 Identical codes and weights mean identical perplexity, KL and top-1 numbers for any evaluation of
-the outputs (RESULTS.md §11).
+the outputs.
 """
 
 from __future__ import annotations
