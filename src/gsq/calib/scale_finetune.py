@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
+from gsq import dist
 from gsq.calib.capture import capture_block_context, capture_block_inputs
 from gsq.calib.objectives import map_batches
 from gsq.config import QuantizeConfig
@@ -332,9 +333,11 @@ def _train(model, adapter, trainable: _Trainable, inputs: dict[str, Tensor], tea
     opt = Lion(params, lr=e2e.lr, betas=e2e.betas, weight_decay=0.0) if params else None
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _ORDER_SEED))
 
-    def held_out() -> float:
-        return _held_out_kl(model, adapter, inputs["val"], teacher.val, ctx,
-                            e2e.micro_batch_size, device)
+    def held_out() -> float:  # every process computes it; rank 0's value is used (`gsq.dist`)
+        return dist.from_rank0([_held_out_kl(model, adapter, inputs["val"], teacher.val, ctx,
+                                             e2e.micro_batch_size, device)])[0]
+
+    world = dist.world()
 
     before = best_val = held_out()
     best, best_epoch, history, step = trainable.snapshot(), 0, [], 0
@@ -348,11 +351,18 @@ def _train(model, adapter, trainable: _Trainable, inputs: dict[str, Tensor], tea
                 group["lr"] = e2e.lr * sched.lr_factor(step)
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for micro in idx.split(e2e.micro_batch_size):
+            # micro-batch m of the step runs on process m mod N; gradients summed over processes
+            for m, micro in enumerate(idx.split(e2e.micro_batch_size)):
+                if not world.owns(m):
+                    continue
                 loss = _micro_kl(model, adapter, inputs["train"][micro].to(device),
                                  teacher.train[micro].to(device), ctx) * (len(micro) / len(idx))
                 loss.backward()
                 total += float(loss.detach())
+            if world.size > 1:
+                summed = torch.tensor(total, dtype=torch.float64, device=device)
+                dist.sum_gradients(params, summed)
+                total = float(summed)
             if not math.isfinite(total):
                 raise GSQError(f"e2e scale stage: non-finite training loss at step {step}")
             opt.step()

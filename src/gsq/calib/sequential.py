@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gsq import dist
 from gsq.calib.cache import ActivationStore
 from gsq.calib.capture import capture_block_context, capture_block_inputs
 from gsq.calib.objectives import ActivationObjective, map_batches
@@ -35,6 +36,7 @@ from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.models.base import ModelAdapter, StageSpec
 from gsq.quant.gptq import gptq_quantize, gptq_quantize_batched
+from gsq.quant.hessian import all_reduce_accumulators
 from gsq.quant.layerwise import QuadraticObjective
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import make_quantizer
@@ -121,10 +123,16 @@ def active_stages(adapter: ModelAdapter, cfg: QuantizeConfig,
 def _hessians(bc: BlockContext, adapter: ModelAdapter, names: list[str], x: Tensor,
               micro: int, pooled: frozenset[str] = frozenset()) -> dict[str, Tensor]:
     """H of each named linear's inputs while `x` runs through the block in its current state
-    (`pooled`: routed linears that see every token of their layer, `hessian_collector`)."""
+    (`pooled`: routed linears that see every token of their layer, `hessian_collector`).
+    Under several processes each runs its share of the chunks and the sums are added up
+    (`gsq.dist`), so every process gets the same H."""
+    world = dist.world()
     with adapter.hessian_collector(bc.block, names, pooled) as accs:
-        for chunk in x.split(micro):
-            adapter.block_forward(bc.block, chunk.to(bc.device), bc.ctx)
+        for c, chunk in enumerate(x.split(micro)):
+            if world.owns(c):
+                adapter.block_forward(bc.block, chunk.to(bc.device), bc.ctx)
+    if world.size > 1:
+        all_reduce_accumulators(accs.values(), dist.all_reduce_sum)
     return {name: acc.H for name, acc in accs.items()}
 
 

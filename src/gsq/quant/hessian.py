@@ -1,25 +1,39 @@
-"""Running-mean layer Hessian H = (2/n) Σ x xᵀ and its damping (method §2, §7)."""
+"""Layer Hessian H = (2/n) Σ x xᵀ and its damping (method §2, §7).
+
+The accumulators keep the sum Σ x xᵀ (fp32) and the count n, and divide when H is read: partial
+sums over disjoint token sets (e.g. the windows of several processes, `gsq.dist`) then add up to
+the whole, and adding two partial sums is exactly what one process does with the same two chunks.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 
 
 class HessianAccumulator:
-    """Accumulates H over batches of layer inputs `(..., in)` as a running mean, in fp32."""
+    """Accumulates Σ x xᵀ over batches of layer inputs `(..., in)` in fp32; `H` = (2/n) Σ x xᵀ."""
 
     def __init__(self, n_features: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
+        self.S = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
         self.n_samples = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (tokens, in)
-        n = x.shape[0]
-        total = self.n_samples + n
-        self.H.mul_(self.n_samples / total)
-        self.H.addmm_(x.T, x, alpha=2.0 / total)
-        self.n_samples = total
+        x = x.reshape(-1, x.shape[-1]).to(self.S.device, torch.float32)  # (tokens, in)
+        self.S += x.T @ x  # the chunk's sum first, then one addition (see the module doc)
+        self.n_samples += x.shape[0]
+
+    @property
+    def H(self) -> Tensor:
+        return self.S * (2.0 / max(self.n_samples, 1))
+
+    def all_reduce(self, reduce: Callable[[list[Tensor]], None]) -> None:
+        """Sum and count summed by `reduce` (in place, e.g. over processes)."""
+        n = torch.tensor([self.n_samples], dtype=torch.long)
+        reduce([self.S, n])
+        self.n_samples = int(n)
 
 
 def damp_hessian(H: Tensor, percdamp: float = 0.1) -> tuple[Tensor, Tensor]:
@@ -44,7 +58,7 @@ def damp_hessians(H: Tensor, percdamp: float = 0.1) -> tuple[Tensor, Tensor]:
     return H, dead
 
 class GroupedHessianAccumulator:
-    """Running-mean Hessians of `n_groups` input streams at once (MoE experts): `H` `(G, n, n)`.
+    """Hessians of `n_groups` input streams at once (MoE experts): sums `S` `(G, n, n)`.
 
     Group g's Hessian is (2/n_g) Σ x xᵀ over the rows sent to it, exactly as `HessianAccumulator`
     on those rows alone; the groups are updated together by one batched matmul per chunk.
@@ -52,24 +66,26 @@ class GroupedHessianAccumulator:
 
     def __init__(self, n_groups: int, n_features: int,
                  device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(n_groups, n_features, n_features, dtype=torch.float32, device=device)
+        self.S = torch.zeros(n_groups, n_features, n_features, dtype=torch.float32, device=device)
         self.n_samples = torch.zeros(n_groups, dtype=torch.long)
 
     def add_padded(self, x: Tensor, counts: Tensor, groups: Tensor | None = None) -> None:
         """Rows `x` `(S, M, n)` of the groups `groups` `(S,)` (default: all G, in order): group
         `groups[s]`'s first `counts[s]` rows, the rest zero (padding adds nothing to Σ x xᵀ)."""
         groups = torch.arange(len(self.n_samples)) if groups is None else groups.cpu()
-        old = self.n_samples[groups]
-        total = old + counts.to("cpu", torch.long)
-        keep = torch.where(total > 0, old / total.clamp(min=1), 1.0)
-        alpha = torch.where(total > 0, 2.0 / total.clamp(min=1), 0.0)
-        x = x.to(self.H.device, torch.float32)
+        x = x.to(self.S.device, torch.float32)
         gram = torch.bmm(x.transpose(1, 2), x)  # (S, n, n)
-        dev = self.H.device
-        idx = groups.to(dev)
-        self.H[idx] = (self.H[idx] * keep.to(dev, torch.float32)[:, None, None]
-                       + gram * alpha.to(dev, torch.float32)[:, None, None])
-        self.n_samples[groups] = total
+        idx = groups.to(self.S.device)
+        self.S[idx] = self.S[idx] + gram
+        self.n_samples[groups] += counts.to("cpu", torch.long)
+
+    @property
+    def H(self) -> Tensor:
+        return self.S * (2.0 / self.n_samples.clamp(min=1).to(self.S.device))[:, None, None]
+
+    def all_reduce(self, reduce: Callable[[list[Tensor]], None]) -> None:
+        """Sums and counts summed by `reduce` (in place, e.g. over processes)."""
+        reduce([self.S, self.n_samples])
 
     def member(self, g: int) -> GroupMember:
         """Group g seen as one accumulator (`.H`, `.n_samples`), read when asked."""
@@ -84,11 +100,22 @@ class GroupMember:
 
     @property
     def H(self) -> Tensor:
-        return self.grouped.H[self.g]
+        return self.grouped.S[self.g] * (2.0 / max(self.n_samples, 1))
 
     @property
     def n_samples(self) -> int:
         return int(self.grouped.n_samples[self.g])
+
+
+def all_reduce_accumulators(accs: Iterable, reduce: Callable[[list[Tensor]], None]) -> None:
+    """`reduce` the sums and counts of the accumulators behind `accs` (HessianAccumulator or
+    GroupMember; a grouped accumulator or one shared by several linears is reduced once)."""
+    seen: dict[int, object] = {}
+    for acc in accs:
+        base = acc.grouped if isinstance(acc, GroupMember) else acc
+        seen.setdefault(id(base), base)
+    for base in seen.values():
+        base.all_reduce(reduce)
 
 
 def group_rows(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,10 @@ weights (by name) to a loss on a batch of training samples, or to a held-out val
 Per optimiser step: τ, κ and the learning rate are fixed; the step's samples are split into
 micro-batches, each draws fresh noise (its index is part of the noise seed) and accumulates its
 share of the gradient; then one Lion step. After every epoch the held-out *hard* loss is measured.
+Under several processes (`gsq.dist`) each runs its share of a step's micro-batches (by their index
+in the step, which also seeds their noise), the gradients and the loss are summed over processes
+and every process takes the same step; held-out losses are computed by every process and rank 0's
+are used, so all keep the same assignment.
 The held-out hard loss of the initial assignment (GPTQ/RTN codes) is measured first, and the best
 of {init, epoch 1..E} is returned, so the result is never worse than its start on held-out data.
 """
@@ -22,6 +26,7 @@ import torch
 from lion_pytorch import Lion
 from torch import Tensor
 
+from gsq import dist
 from gsq.kernels import lion_uses_triton
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import LogitQuantizer
@@ -134,7 +139,10 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
     base_lrs = [g["lr"] for g in opt.param_groups]
     init = {name: q.init for name, q in quantizers.items()}
     best, best_epoch = init, 0
-    init_val = best_val = objective.val_loss(_hard_weights(init, objective.dtype))
+    (init_val,) = dist.from_rank0([objective.val_loss(_hard_weights(init, objective.dtype))])
+    best_val = init_val
+    world = dist.world()
+    params = [p for group in opt.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(derive_seed(seed, 0xBA7C))
     history: list[dict] = []
     bar = _progress_bar(sched.total_steps, progress, desc)
@@ -149,11 +157,16 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), dtype=torch.float32)
             for m, micro in enumerate(idx.split(cfg.micro_batch_size)):
+                if not world.owns(m):
+                    continue
                 weights = _soft_weights(quantizers, tau, kappa, seed, step, m, objective.dtype)
                 loss = objective.loss(weights, micro) * (len(micro) / len(idx))
                 loss.backward()
                 # summed on the loss's device: one host sync per step, not per micro-batch
                 total = total.to(loss.device) + loss.detach().float()
+            if world.size > 1:
+                total = total.to(params[0].device)
+                dist.sum_gradients(params, total)
             total = float(total)
             if not math.isfinite(total):
                 raise FloatingPointError(f"non-finite training loss at step {step}")
@@ -166,6 +179,7 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
         with torch.no_grad():
             val_soft = objective.val_loss(
                 _soft_weights(quantizers, tau, kappa, seed, _VAL_NOISE_STEP, 0, objective.dtype))
+        val_hard, val_soft = dist.from_rank0([val_hard, val_soft])
         if not (val_hard == val_hard):  # NaN
             raise FloatingPointError(f"non-finite validation loss after epoch {epoch}")
         history.append({"epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1),

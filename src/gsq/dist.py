@@ -1,0 +1,141 @@
+"""Data parallel over the processes of a `torchrun` launch (torch.distributed), and nothing more.
+
+`torchrun --nproc-per-node N -m gsq.cli quantize ...` starts N processes with RANK, WORLD_SIZE and
+LOCAL_RANK in their environment; `launched` joins them into one process group (gloo on the CPU,
+NCCL on GPUs with one GPU per rank, cuda:LOCAL_RANK) for the length of a command and tears it
+down afterwards. Without torchrun (or with one process) the world is one process, nothing is
+initialised and every function here is a no-op.
+
+What ranks share (the block loop, `gsq.calib.sequential`, `gsq.quant.trainer`):
+  * work items (GPTQ windows of a Hessian, micro-batches of an optimiser step) are dealt out by a
+    fixed rule, item i -> rank i mod N (`World.owns`), with the global index i kept, so the noise of
+    a micro-batch (seeded by its index) does not depend on N;
+  * partial sums (Hessian sums and token counts, gradients, losses) are summed over ranks
+    (`all_reduce_sum`), so every rank holds the same totals and takes the same steps;
+  * values every rank computes alike (held-out losses) are taken from rank 0 (`from_rank0`), so
+    that decisions on them (keep-best) are the same on every rank even where a device's kernels
+    are not bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among `size` processes (0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes outputs and prints."""
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether work item `index` (global numbering) is this rank's."""
+        return index % self.size == self.rank
+
+
+def _active() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def world() -> World:
+    """The process group in use (a single process when none is initialised)."""
+    if _active():
+        return World(tdist.get_rank(), tdist.get_world_size())
+    return World()
+
+
+def launch_world() -> World:
+    """The world torchrun launched this process into (from its environment), initialised or not."""
+    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this rank: a CUDA device becomes cuda:LOCAL_RANK under a launch of several
+    processes (one GPU per rank); the CPU stays the CPU."""
+    if device.type != "cuda" or launch_world().size == 1:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def launched(device: torch.device) -> Iterator[World]:
+    """Joins the torchrun launch for the block (gloo for `device` cpu, NCCL for cuda) and leaves
+    it afterwards; a group already initialised by the caller is used as it is and left alone."""
+    launch = launch_world()
+    if launch.size == 1 or _active():
+        yield world()
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(rank_device(device))
+        tdist.init_process_group("nccl", device_id=rank_device(device))
+    else:
+        tdist.init_process_group("gloo")
+    try:
+        yield world()
+    finally:
+        tdist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
+    """Replace each tensor by its sum over ranks, in place; one all-reduce per dtype.
+
+    Elementwise sums only: with two ranks, a + b is exact, the value a single process gets when it
+    adds the same two partial sums."""
+    if not _active() or tdist.get_world_size() == 1:
+        return
+    comm = _comm_device()
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
+        tdist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def sum_gradients(params: Sequence[Tensor], *extra: Tensor) -> None:
+    """Sum the gradients of `params` (and the tensors `extra`, e.g. a loss total) over ranks; a
+    rank that backpropagated nothing contributes zeros."""
+    if not _active() or tdist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum([*(p.grad for p in params), *extra])
+
+
+def from_rank0(values: Sequence[float]) -> list[float]:
+    """Rank 0's values on every rank (float64)."""
+    if not _active() or tdist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    tdist.broadcast(t, src=0)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if _active() and tdist.get_world_size() > 1:
+        tdist.barrier()
