@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from gsq import dist
 from gsq.calib.scale_finetune import capture_teacher, scale_finetune
 from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import active_stages, run_quantization, stage_specs
@@ -109,21 +110,27 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
                    calib_tokens, device: torch.device,
                    progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Quantize an in-memory model in place; returns (records, report with totals)."""
+    """Quantize an in-memory model in place; returns (records, report with totals).
+    Under torchrun, data parallel over its processes (`gsq.dist`), each returning the same."""
     t0 = time.perf_counter()
+    device = dist.rank_device(device)
+    progress = progress and dist.launch_world().is_main
     reset_peak_memory(device)
     adapter = adapter_for(model.config.model_type)
     windows = calibration_windows(calib_tokens, cfg)
-    teacher = capture_teacher(model, adapter, windows, cfg, device) if cfg.e2e.epochs else None
-    allocation = None
-    if cfg.bpw is not None:
-        cfg, allocation = allocate_widths(model, adapter, windows, cfg, device, progress=progress)
-    records, report = run_quantization(model, adapter, windows, cfg, device, progress)
-    if allocation is not None:
-        report["allocation"] = allocation
-    if teacher is not None:
-        records, report["e2e"] = scale_finetune(model, adapter, records, windows, teacher, cfg,
-                                                device, progress)
+    with dist.launched(device):
+        teacher = (capture_teacher(model, adapter, windows, cfg, device) if cfg.e2e.epochs
+                   else None)
+        allocation = None
+        if cfg.bpw is not None:
+            cfg, allocation = allocate_widths(model, adapter, windows, cfg, device,
+                                              progress=progress)
+        records, report = run_quantization(model, adapter, windows, cfg, device, progress)
+        if allocation is not None:
+            report["allocation"] = allocation
+        if teacher is not None:
+            records, report["e2e"] = scale_finetune(model, adapter, records, windows, teacher,
+                                                    cfg, device, progress)
     model.to("cpu")
     report.update({
         "method": cfg.method,
@@ -162,17 +169,22 @@ def finetune_output(out: Path, model_source: str, windows: dict[str, torch.Tenso
     model, tokenizer, records = load_quantized(out)
     records, e2e = scale_finetune(model, adapter, records, windows, teacher, cfg, device,
                                   progress)
+    if not dist.world().is_main:  # rank 0 rewrites `out` (`gsq.dist`)
+        dist.barrier()
+        return json.loads((Path(out) / REPORT_FILE).read_text())
     report = json.loads((Path(out) / REPORT_FILE).read_text())
     report["e2e"] = e2e
     report["wall_seconds"] = report.get("wall_seconds", 0.0) + e2e["seconds"]
     if e2e["best_epoch"] == 0:
         (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        dist.barrier()
         return report
     config = json.loads((Path(out) / "config.json").read_text())
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
     meta = json.loads((Path(out) / META_FILE).read_text())
     save_quantized(out, model.to("cpu", dtype), tokenizer, records, meta["config"], report,
                    overwrite=True)
+    dist.barrier()
     return report
 
 
@@ -241,7 +253,26 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     calib: a calibration spec (`calibration_tokens`); chat_template: render it as conversations
     in the tokenizer's chat template (instruct models). With `cfg.e2e.epochs`, the end-to-end
     scale stage runs on the finished directory (`finetune_output`).
+
+    Under `torchrun --nproc-per-node N` the N processes quantize together, data parallel
+    (`gsq.dist`: gloo with device "cpu", NCCL with "cuda", one GPU per rank); only rank 0
+    writes `out`, which every rank's result then reads.
     """
+    dev = dist.rank_device(resolve_device(device))
+    with dist.launched(dev) as world:
+        if world.size > 1 and out is None:
+            raise GSQError("several processes (torchrun) need an output directory (--out)")
+        if world.size > 1 and resume:
+            raise GSQError("--resume is not supported with several processes yet; resume the "
+                           "partial run with one process")
+        return _quantize(model_source, cfg, calib, out, str(dev), progress and world.is_main,
+                         overwrite, resume, export_formats, chat_template, max_host_memory)
+
+
+def _quantize(model_source: str, cfg: QuantizeConfig, calib: str | None, out: str | Path | None,
+              device: str, progress: bool, overwrite: bool, resume: bool,
+              export_formats: tuple[str, ...], chat_template: bool,
+              max_host_memory: float | None) -> QuantizeResult:
     if out is None:
         with tempfile.TemporaryDirectory(prefix="gsq-quantize-") as tmp:
             result = quantize(model_source, cfg, calib, Path(tmp) / "model", device, progress,

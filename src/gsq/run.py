@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from gsq import dist
 from gsq.calib.cache import ActivationStore
 from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import Buffers, ResumePoint, run_quantization
@@ -73,13 +74,20 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
 
     complete_report(run report, module metadata by name) -> the report.json to write (and
     return). A GSQError removes the partial directory (nothing to resume); an interrupt or a
-    crash keeps it for `--resume`."""
+    crash keeps it for `--resume`.
+
+    Under several processes (`gsq.dist`) only rank 0 writes (the partial directory, then OUT);
+    the others run the same block loop (`_follow`) and return the report rank 0 wrote. OUT is
+    completed only once every rank has finished its block loop."""
+    if not dist.world().is_main:
+        return _follow(inputs, out, progress, activations_on_disk)
     blocks_total = len(inputs.adapter.blocks(inputs.streamed.model))
     partial = PartialRun.open(out, run_fingerprint(inputs), blocks_total, resume, overwrite)
     try:
         report = _quantize_into(partial, inputs, progress, activations_on_disk)
         _write_rest(partial, inputs)
         report = complete_report(report, partial.state["modules"])
+        dist.barrier()  # every rank's block loop went through
         partial.finish(out, inputs.cfg.to_dict(), report, side_files_writer(inputs.streamed),
                        overwrite)
     except GSQError:
@@ -90,7 +98,27 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
         log.warning("partial run kept in %s: the same command with --resume continues it",
                     partial.path)
         raise
+    dist.barrier()  # OUT is complete
     return report
+
+
+def _follow(inputs: RunInputs, out: Path, progress: bool, activations_on_disk: bool) -> dict:
+    """A rank other than 0: the block loop with the same collectives as rank 0, writing nothing
+    (spilled activations go to a temporary folder); then the report rank 0 wrote to OUT."""
+    import json
+    import tempfile
+
+    from gsq.io.quantized_dir import REPORT_FILE
+
+    model, adapter = inputs.streamed.model, inputs.adapter
+    with tempfile.TemporaryDirectory(prefix="gsq-rank-") as tmp:
+        store = ActivationStore(tmp, on_disk=activations_on_disk)
+        loader = StreamedBlocks(model, adapter, inputs.streamed.source)
+        run_quantization(model, adapter, inputs.windows, inputs.cfg, inputs.device, progress,
+                         loader=loader, sink=lambda *block: None, store=store)
+    dist.barrier()  # rank 0 completes OUT once every rank is here
+    dist.barrier()
+    return json.loads((out / REPORT_FILE).read_text())
 
 
 def _quantize_into(partial: PartialRun, inputs: RunInputs, progress: bool,

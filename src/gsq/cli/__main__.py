@@ -246,6 +246,7 @@ def _with_target(cfg, args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gsq.api import quantize
+    from gsq.dist import launch_world
     from gsq.quant.types import QuantSpec
 
     cfg = build_config(args)
@@ -254,6 +255,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                       export_formats=tuple(args.export_format),
                       chat_template=args.chat_template, resume=args.resume,
                       max_host_memory=args.max_host_memory)
+    if not launch_world().is_main:  # under torchrun, rank 0 speaks for the run
+        return 0
     r = result.report
     spec = QuantSpec(cfg.bits, cfg.group_size, cfg.target)
     print(f"quantized {r['quantized_tensors']} tensors of "

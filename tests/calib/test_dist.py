@@ -1,0 +1,117 @@
+"""Data parallel over the processes of a torchrun launch (`gsq.dist`): 2 gloo processes give the
+same bits as 1 process, and a failing rank stops the run with nothing at --out.
+
+Why bit-for-bit: the processes exchange only elementwise sums of partial sums (Hessian sums and
+token counts, gradients, training losses) and rank 0's held-out losses. With two ranks a sum over
+ranks is a + b, which is exactly what one process computes when it adds the same two parts in
+sequence, (0 + a) + b. The budgets below give every optimiser step two micro-batches and every
+Hessian two chunks of GPTQ windows, so every sum has two parts, dealt one to each rank; all
+processes run one thread, as the reference does (a BLAS may split a product's reduction over
+threads). With more parts per sum the grouping differs ((a + c) + (b + d) against
+((a + b) + c) + d) and results agree to rounding only (benchmarks/RESULTS.md).
+
+The launches run `dist_worker.py` under `python -m torch.distributed.run` (torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gsq
+from gsq.cli.__main__ import main
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "dist_worker.py"
+sys.path.insert(0, str(HERE))
+import dist_worker  # noqa: E402
+
+# Two micro-batches per step (batch 4 of 2), two GPTQ chunks (4 windows of 2); one epoch.
+BUDGET = ["--group-size", "32", "--nsamples", "8", "--val-samples", "2", "--gptq-samples", "4",
+          "--seqlen", "16", "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "1",
+          "--qk-steps", "4", "--device", "cpu"]
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(gsq.__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(WORKER), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_two_processes_quantize_the_same_bits_as_one(tmp_path):
+    """Tiny Llama (GSQ with the e2e scale stage, GPTQ) and Qwen3-MoE (GSQ, GPTQ) in memory."""
+    run = torchrun(2, "records", str(tmp_path / "rec"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rec.rank{r}") for r in (0, 1)]
+    refs = {}
+    for name in dist_worker.CASES:
+        ref = refs[name] = dist_worker.run_case(name)
+        assert ref["records"], name
+        for rank, got in enumerate(ranks):
+            assert got[name]["records"].keys() == ref["records"].keys(), (name, rank)
+            for module, (codes, scale) in ref["records"].items():
+                got_codes, got_scale = got[name]["records"][module]
+                assert torch.equal(got_codes, codes), (name, rank, module)
+                assert torch.equal(got_scale, scale), (name, rank, module)
+            assert got[name]["val"] == ref["val"], (name, rank)
+            assert got[name]["e2e"] == ref["e2e"], (name, rank)
+    assert len(refs["llama-gsq"]["e2e"]) == 1  # the e2e stage ran its epoch
+    for arch in ("llama", "qwen3_moe"):  # training moved codes away from GPTQ's: it is compared
+        gsq_codes, gptq_codes = (refs[f"{arch}-{m}"]["records"] for m in ("gsq", "gptq"))
+        assert any(not torch.equal(gsq_codes[n][0], gptq_codes[n][0]) for n in gsq_codes), arch
+
+
+@pytest.fixture(scope="module")
+def single_process_dir(tmp_path_factory, tiny_llama_dir) -> tuple[Path, Path]:
+    """The calibration text and the output of `gsq quantize` in this (one) process."""
+    root = tmp_path_factory.mktemp("dist-cli")
+    calib = root / "calib.txt"
+    calib.write_text(" ".join(["the cat sat on the mat and looked at the door"] * 60))
+    out = root / "one"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--calib", str(calib), "--out", str(out),
+                 *BUDGET]) == 0
+    return calib, out
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "report.json":  # wall times differ
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path, tiny_llama_dir,
+                                                           single_process_dir):
+    calib, one = single_process_dir
+    out = tmp_path / "two"
+    run = torchrun(2, "cli", "-q", "quantize", str(tiny_llama_dir), "--calib", str(calib),
+                   "--out", str(out), *BUDGET)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("quantized 14 tensors") == 1, run.stdout  # rank 0 reports, alone
+    _same_files(one, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no partial directory left
+
+
+def test_a_failing_rank_stops_the_run_and_one_process_resumes_it(tmp_path, tiny_llama_dir,
+                                                                 single_process_dir):
+    """Rank 1 raises at block 1: the launch fails with rank 1's error, nothing at --out; the
+    partial directory rank 0 kept is resumed by one process to the same bytes."""
+    calib, one = single_process_dir
+    out = tmp_path / "two"
+    args = ["-q", "quantize", str(tiny_llama_dir), "--calib", str(calib), "--out", str(out),
+            *BUDGET]
+    run = torchrun(2, "fail", *args)
+    assert run.returncode != 0
+    assert "gsq: error: injected failure on rank 1" in run.stderr, run.stderr[-3000:]
+    assert not out.exists()
+    assert main([*args, "--resume"]) == 0
+    _same_files(one, out)
