@@ -5,11 +5,12 @@
 For each budget ("2 parts": two micro-batches per optimiser step and two GPTQ chunks, where every
 sum over two ranks is exact; "4 parts": four of each, where the two-level grouping of the sums
 differs from one process's), model (random Llama and Qwen3-MoE, 2 blocks, hidden 64) and method
-(GSQ, GPTQ), the script launches `torchrun --nproc-per-node K` of itself for K = 1 and N, each
-process running every case in memory (`gsq.api.quantize_model`, one thread per process), and
-compares rank 0's records with the single process's: identical tensors, the fraction of equal
-codes, the largest relative scale difference and the held-out losses. Wall times are of whole
-launches (imports included) on whatever machine runs it; they measure correctness runs, not speed.
+(GSQ keeping its last epoch, with the e2e stage; GPTQ), the script launches
+`torchrun --nproc-per-node K` of itself for K = 1 and N, each process running every case in
+memory (`gsq.api.quantize_model`, one thread per process), and compares rank 0's records with the
+single process's: identical tensors, the fraction of equal codes, the largest relative scale
+difference, and every training and held-out loss of the report. Wall times are of whole launches
+(imports included) on whatever machine runs it; they measure correctness runs, not speed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _config(method: str, parts: int):
     return QuantizeConfig(method=method, bits=2, group_size=32, nsamples=4 * parts,
                           val_samples=2, gptq_samples=2 * parts, seqlen=SEQLEN, qk_steps=4,
                           moe_min_tokens=8,
-                          train=TrainConfig(epochs=1, batch_size=2 * parts, micro_batch_size=2),
+                          train=TrainConfig(epochs=1, batch_size=2 * parts, micro_batch_size=2,
+                                            keep_best=False),
                           e2e=E2EConfig(epochs=1 if method == "gsq" else 0,
                                         batch_size=2 * parts, micro_batch_size=2))
 
@@ -62,11 +64,25 @@ def _worker(out: str) -> None:
                                                      torch.device("cpu"), progress=False)
                     results[f"{budget}|{arch}|{method}"] = {
                         "records": {n: (qw.codes, qw.scale) for n, qw in records.items()},
-                        "val": [s.get("val_loss_final") for b in report["blocks"]
-                                for s in b["stages"]],
-                        "e2e_val": report["e2e"]["val_kl_after"] if "e2e" in report else None}
+                        "losses": _losses(report)}
         if world.is_main:
             torch.save(results, out)
+
+
+def _losses(report: dict) -> list[float]:
+    """Every held-out and training loss of the run: per stage its initial and final held-out
+    loss and per epoch (train, held-out hard, held-out soft); the e2e stage's (train, held-out)
+    KL per epoch."""
+    out = []
+    for block in report["blocks"]:
+        for stage in block["stages"]:
+            out += [*stage.get("val_loss_init", []), *stage.get("val_loss_final", [])]
+            for run in stage.get("history", []):
+                for h in run:
+                    out += [h["train_loss"], h["val_hard"], h["val_soft"]]
+    for h in report.get("e2e", {}).get("history", []):
+        out += [h["train_kl"], h["val_kl"]]
+    return out
 
 
 def _launch(nproc: int, out: Path) -> float:
@@ -90,8 +106,12 @@ def _compare(one: dict, many: dict) -> dict:
         scale_rel = max(scale_rel, float(rel))
     return {"tensors": len(one["records"]), "tensors_identical": tensors_equal,
             "codes_equal_fraction": codes_equal / codes_total, "scale_max_rel_diff": scale_rel,
-            "val_one": one["val"], "val_many": many["val"],
-            "e2e_val_one": one["e2e_val"], "e2e_val_many": many["e2e_val"]}
+            "losses": len(one["losses"]),
+            "losses_identical": sum(a == b for a, b in zip(one["losses"], many["losses"],
+                                                           strict=True)),
+            "losses_max_rel_diff": max((abs(a - b) / max(abs(a), 1e-30)
+                                        for a, b in zip(one["losses"], many["losses"],
+                                                        strict=True)), default=0.0)}
 
 
 def main() -> None:
@@ -112,7 +132,8 @@ def main() -> None:
     for case, row in rows.items():
         print(f"{case:28s} identical {row['tensors_identical']}/{row['tensors']}  codes equal "
               f"{row['codes_equal_fraction']:.6f}  scale max rel diff "
-              f"{row['scale_max_rel_diff']:.2e}")
+              f"{row['scale_max_rel_diff']:.2e}  losses identical {row['losses_identical']}/"
+              f"{row['losses']} (max rel diff {row['losses_max_rel_diff']:.2e})")
     print(f"wall seconds: {wall}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
