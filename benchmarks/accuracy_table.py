@@ -44,6 +44,7 @@ from gsq.api import (
     bits_per_parameter,
     calibration_tokens,
     calibration_windows,
+    evaluate,
     load_any_model,
     resolve_device,
 )
@@ -52,7 +53,6 @@ from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import run_quantization
 from gsq.config import PRESETS
 from gsq.data.calibration import read_text, tokenize_text
-from gsq.eval.kl import compare_with_base
 from gsq.models.registry import adapter_for
 from gsq.quant.types import parse_bits
 
@@ -73,11 +73,12 @@ def row_key(method: str, bits, seed: int, e2e: bool) -> str:
     return f"{method}|{bits}|{seed}|{'e2e' if e2e else 'plain'}"
 
 
-def evaluate(model, base_model, domains: dict[str, torch.Tensor], args, device) -> dict:
+def evaluate_domains(model, base_model, domains: dict[str, torch.Tensor], args, device) -> dict:
+    """`gsq.eval.evaluate` of the model against its base on each domain's tokens."""
     out = {}
     for name, tokens in domains.items():
-        r = compare_with_base(model.to(device), base_model.to(device), tokens, args.seqlen,
-                              args.max_tokens, device=str(device), progress=False)
+        r = evaluate(model, tokens, base=base_model, seqlen=args.seqlen,
+                     max_tokens=args.max_tokens, device=str(device), progress=False)
         out[name] = {k: r[k] for k in ("ppl", "base_ppl", "kl", "top1", "tokens")}
     return out
 
@@ -104,7 +105,7 @@ def run_pair(method: str, bits, seed: int, base_model, calib, domains, args, dev
     rows = [{"key": row_key(method, bits, seed, False), "method": method, "bits": bits,
              "seed": seed, "e2e": False, "quantize_seconds": seconds,
              "bpp": bits_per_parameter(records), "allocation": allocation,
-             "eval": evaluate(model, base_model, domains, args, device)}]
+             "eval": evaluate_domains(model, base_model, domains, args, device)}]
     if args.no_e2e:
         rows[0]["config"] = cfg.to_dict()
         return rows
@@ -112,7 +113,7 @@ def run_pair(method: str, bits, seed: int, base_model, calib, domains, args, dev
     rows.append({"key": row_key(method, bits, seed, True), "method": method, "bits": bits,
                  "seed": seed, "e2e": True, "quantize_seconds": seconds + e2e["seconds"],
                  "e2e_report": {k: v for k, v in e2e.items() if k != "history"},
-                 "eval": evaluate(model, base_model, domains, args, device)})
+                 "eval": evaluate_domains(model, base_model, domains, args, device)})
     for row in rows:
         row["config"] = cfg.to_dict()
     return rows
