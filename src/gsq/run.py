@@ -53,7 +53,7 @@ def run_fingerprint(inputs: RunInputs) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        gsq_version = version("gsq")
+        gsq_version = version("gsq-quant")  # the distribution; `import gsq`
     except PackageNotFoundError:
         gsq_version = "unknown"
     windows = hashlib.sha256()

@@ -441,9 +441,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gsq.demo import run_demo
 
-    run_demo(bits=args.bits, group_size=args.group_size, text=args.text, max_tokens=args.max_tokens,
-             max_blocks=args.max_blocks, out_dir=args.out_dir, device=args.device,
-             progress=not args.quiet)
+    run_demo(bits=args.bits, group_size=args.group_size, text=args.text, budget=args.budget,
+             max_tokens=args.max_tokens, max_blocks=args.max_blocks, out_dir=args.out_dir,
+             device=args.device, progress=not args.quiet)
     return 0
 
 
@@ -464,12 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(llama.cpp) or compressed-tensors"))
     _add_refine_args(sub.add_parser("refine", help="refine the codes of a llama.cpp GGUF file "
                                                    "with GSQ, same types and size"))
-    demo = sub.add_parser("demo",
-                          help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; print a table")
-    demo.add_argument("--bits", type=_bits, default=2)
+    demo = sub.add_parser("demo", help="quantize SmolLM2-135M with RTN, GPTQ and GSQ; a table "
+                                       "and a plot (ppl, KL vs bits per parameter)")
+    demo.add_argument("--budget", choices=("quick", "full"), default="quick",
+                      help="quick: 2 and 3 bit at a small budget, under 10 minutes on 2 CPU "
+                           "cores; full: the cpu preset at 2 bit, about an hour")
+    demo.add_argument("--bits", type=_bits, nargs="+", default=None,
+                      help="bit widths (default: the budget's)")
     demo.add_argument("--group-size", type=_positive, default=64)
     demo.add_argument("--text", required=True, help="evaluation text (e.g. WikiText-2 test)")
-    demo.add_argument("--max-tokens", type=_positive, default=16384)
+    demo.add_argument("--max-tokens", type=_positive, default=None,
+                      help="evaluation tokens (default: quick 4096, full 16384)")
     demo.add_argument("--max-blocks", type=_positive, default=None)
     demo.add_argument("--out-dir", default="runs/demo")
     demo.add_argument("--device", default="cpu")

@@ -184,7 +184,7 @@ def _import_datasets() -> Any:
     except ImportError:
         raise GSQError(
             "calibration from a Hugging Face dataset needs the 'datasets' package: "
-            "pip install datasets (or pip install 'gsq[datasets]')"
+            "pip install datasets (or pip install 'gsq-quant[datasets]')"
         ) from None
 
 

@@ -11,7 +11,7 @@ the one transformers builds from the GGUF file's own tokenizer keys, which is ho
 `.gguf` base model.
 
 llama_cpp is imported lazily; without it these functions raise GSQError
-(`pip install 'gsq[verify]'`).
+(`pip install 'gsq-quant[verify]'`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def import_llama_cpp() -> Any:
         import llama_cpp
     except ImportError as err:
         raise GSQError(f"llama.cpp evaluation needs the '{LLAMACPP_REQUIREMENT}' package: "
-                       f"pip install 'gsq[verify]' ({err})") from None
+                       f"pip install 'gsq-quant[verify]' ({err})") from None
     return llama_cpp
 
 
