@@ -6,7 +6,7 @@ The table (`demo.md`, `demo.json`) and a plot of perplexity and KL against bits 
 (`demo.png`, with matplotlib) go to the output folder.
 
 Two budgets:
-  * "quick" (default): 2 and 3 bit on the first 6 of the 30 blocks (the others stay in full
+  * "quick" (default): 2 and 3 bit on the first 4 of the 30 blocks (the others stay in full
     precision), a small calibration and training budget, no end-to-end scale stage, evaluated on
     2,048 tokens; under 10 minutes on a 2-core CPU. The models are quantized in memory. A smoke
     test of the pipeline: at this budget GSQ has few steps to move from its GPTQ start.
@@ -45,7 +45,8 @@ def quick_preset(**changes) -> QuantizeConfig:
 @dataclass(frozen=True)
 class Budget:
     """One demo budget: its configs, default bit widths and evaluation, and the estimated
-    seconds of each step on a 2-core CPU (per quantize run; they only drive the ETA)."""
+    seconds of each step on an idle 2-core CPU (from per-block CPU times; they only weigh the
+    steps for the ETA, which scales them by the measured pace)."""
 
     preset: Callable[..., QuantizeConfig]
     bits: tuple
@@ -57,10 +58,10 @@ class Budget:
 
 
 BUDGETS = {
-    "quick": Budget(quick_preset, (2, 3), 6, 2048, 512,
-                    {"load": 60, "eval": 20, "rtn": 40, "gptq": 55, "gsq": 140}, True),
+    "quick": Budget(quick_preset, (2, 3), 4, 2048, 512,
+                    {"load": 40, "eval": 20, "rtn": 20, "gptq": 30, "gsq": 75}, True),
     "full": Budget(cpu_preset, (2,), None, 16384, 2048,
-                   {"load": 60, "eval": 140, "rtn": 150, "gptq": 250, "gsq": 2100}, False),
+                   {"load": 40, "eval": 150, "rtn": 120, "gptq": 270, "gsq": 2150}, False),
 }
 
 
