@@ -117,6 +117,12 @@ def run_case(case: str, tokenizer, calib: Path, text: str, root: Path) -> dict:
     with timed(row, "load_ct"):
         ct = AutoModelForCausalLM.from_pretrained(root / f"{case}-ct", dtype=torch.float32)
     row["ct_max_logit_diff"] = _max_diff(ct.eval(), loaded, ids)
+    # Loaded with dtype=float32, transformers decompresses fused MoE experts in the checkpoint's
+    # scale dtype (bf16 here) and computes them in it; in the checkpoint's own dtype both loads
+    # must agree exactly.
+    row["ct_bf16_max_logit_diff"] = _max_diff(
+        AutoModelForCausalLM.from_pretrained(root / f"{case}-ct", dtype=torch.bfloat16).eval(),
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval(), ids)
     if row["check_gguf"] == "ok":
         _gguf_steps(row, out, source, calib, text, root / case)
     return row
@@ -156,7 +162,7 @@ def markdown(rows: list[dict]) -> str:
         return f"{row[key]['wall_s']:.1f} ({row[key]['cpu_s']:.1f})" if key in row else "-"
 
     head = ("| case | GGUF need | rtn | gptq | gsq | CT export + load | max logit diff "
-            "(plain / CT) | GGUF export | llama.cpp vs `--numerics llama.cpp`: ppl diff %, KL, "
+            "(plain / CT; CT vs plain in bf16) | GGUF export | llama.cpp vs `--numerics llama.cpp`: ppl diff %, KL, "
             "top-1 (s) | refine llama.cpp Q4_0: codes changed (s) |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
@@ -172,7 +178,8 @@ def markdown(rows: list[dict]) -> str:
                   if isinstance(changed, float) else changed.split(":")[0])
         lines.append(f"| {r['case']} | {r['check_gguf']} | {t(r, 'quantize_rtn')} | "
                      f"{t(r, 'quantize_gptq')} | {t(r, 'quantize_gsq')} | {ct:.1f} | "
-                     f"{r['plain_max_logit_diff']:.2g} / {r['ct_max_logit_diff']:.2g} | "
+                     f"{r['plain_max_logit_diff']:.2g} / {r['ct_max_logit_diff']:.2g}; "
+                     f"{r.get('ct_bf16_max_logit_diff', float('nan')):.2g} | "
                      f"{t(r, 'export_gguf')} | {agree} | {refine} |")
     return "\n".join(lines)
 

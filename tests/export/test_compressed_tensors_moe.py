@@ -4,6 +4,7 @@ transformers loads the experts into its fused parameters with logits equal to gs
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -40,20 +41,24 @@ def qdir(tmp_path_factory, tiny_moe, byte_tokenizer, random_windows):
             out = tmp_path_factory.mktemp("gsq-moe") / arch
             save_quantized(out, model, byte_tokenizer, records, cfg.to_dict(), report)
             cache[arch] = (out, model, records)
+            bf16 = out.with_name(f"{arch}-bf16")  # the same codes in a bf16 checkpoint
+            save_quantized(bf16, copy.deepcopy(model).to(torch.bfloat16), byte_tokenizer,
+                           records, cfg.to_dict(), report)
         return cache[arch]
 
     return make
 
 
-def _load(path, dequantize):
+def _load(path, dequantize, dtype=None):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     if not dequantize:
-        return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     with warnings.catch_warnings():  # "quantization_config from the model will be used"
         warnings.simplefilter("ignore", UserWarning)
         return AutoModelForCausalLM.from_pretrained(
-            str(path), quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+            str(path), dtype=dtype,
+            quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
 
 
 def _logits(model):
@@ -87,6 +92,20 @@ def test_transformers_loads_the_export_with_gsq_logits(qdir, tmp_path, arch, con
 
     vllm_note = [n for n in report["notes"] if "fused-MoE kernels take 4- or 8-bit" in n]
     assert bool(vllm_note) == (container is None)  # native 2-bit experts: vLLM needs a container
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_export_loads_like_the_plain_bf16_checkpoint(qdir, tmp_path, arch):
+    """A bf16 directory's export, loaded in bf16 (how such models are run), gives exactly the
+    logits of the directory itself loaded as a plain bf16 checkpoint. (Loaded with
+    `dtype=torch.float32`, transformers decompresses the fused experts in the checkpoint's scale
+    dtype, bf16, and computes them in it: logits then differ by bf16 rounding, not by a weight.)"""
+    path, _, _ = qdir(arch)
+    bf16 = path.with_name(f"{arch}-bf16")
+    export_compressed_tensors(bf16, tmp_path / "ct")
+    expected = _logits(_load(bf16, False, torch.bfloat16))
+    torch.testing.assert_close(_logits(_load(tmp_path / "ct", False, torch.bfloat16)), expected,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
