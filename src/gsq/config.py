@@ -77,6 +77,7 @@ class QuantizeConfig:
     percdamp: float = 0.1  # GPTQ damping, fraction of mean diag(H)
     gptq_block_size: int = 128
     static_groups: bool = False  # GPTQ: all group scales searched before the solve
+    scale_search: str = "mse"  # RTN/GPTQ scale choice: "mse" or "absmax" (quant.types)
     # GPTQ: solve columns by decreasing diag(H) ("desc_act") on the same group-wise grid;
     # implies static_groups
     act_order: bool = False
@@ -106,7 +107,7 @@ class QuantizeConfig:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
         object.__setattr__(self, "bits", parse_bits(self.bits))
-        QuantSpec(self.bits, self.group_size)  # validates the group size
+        QuantSpec(self.bits, self.group_size, scale_search=self.scale_search)  # validates
         for _, bits in self.bits_overrides:
             parse_bits(bits)
         if min(self.nsamples, self.val_samples, self.gptq_samples) < 1:
@@ -154,18 +155,18 @@ class QuantizeConfig:
         for pattern, override in self.bits_overrides:
             if fnmatch.fnmatch(module_name, pattern):
                 bits = parse_bits(override)
-        return QuantSpec(bits, self.group_size)
+        return QuantSpec(bits, self.group_size, scale_search=self.scale_search)
 
     def _target_spec_for(self, module_name: str, in_features: int | None) -> QuantSpec:
         if in_features is None:
-            return QuantSpec(self.bits, self.group_size, self.target)
+            return QuantSpec(self.bits, self.group_size, self.target, self.scale_search)
         try:
             qtype = fallback_target(self.target, in_features, self.fallback, module_name)
         except ValueError as err:
             raise GSQError(str(err)) from err
         if qtype == self.target:
-            return QuantSpec(self.bits, self.group_size, qtype)
-        return target_spec(qtype)
+            return QuantSpec(self.bits, self.group_size, qtype, self.scale_search)
+        return dataclasses.replace(target_spec(qtype), scale_search=self.scale_search)
 
     def replace(self, **changes) -> QuantizeConfig:
         return dataclasses.replace(self, **changes)

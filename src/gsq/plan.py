@@ -42,7 +42,10 @@ NOMINAL_CUDA_RATES = (40e12, 2.5e11)
 # Element-wise operations per relaxed weight and candidate in one sampler forward + backward
 # (noise, softmax, weighted sum, their gradients), and per weight in one RTN/GPTQ scale search.
 SAMPLER_OPS = 24
-SCALE_SEARCH_OPS = 2600  # 160 candidate scales x (divide, round, clamp, multiply, |.|^2.4, sum)
+# Per weight and candidate scale of an RTN/GPTQ scale search (divide, round, clamp, multiply,
+# |.|^2.4, sum); candidates per weight by search kind, both signs (`quant.grids`).
+SEARCH_OPS_PER_CANDIDATE = 16.25
+SEARCH_CANDIDATES = {"mse": 160, "absmax": 2}
 SCALE_SEARCH_ELEMENTS = 2**24  # `search_group_scales`' chunk of candidates x weights at once
 
 
@@ -241,7 +244,8 @@ def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
         if cfg.method == "rtn":
             hessians = solver = routed = 0
         widest = max(o * i for o, i in linears)
-        search = 3 * min(160 * widest, max(SCALE_SEARCH_ELEMENTS, widest)) * 4  # temporaries
+        candidates = SEARCH_CANDIDATES[cfg.scale_search]
+        search = 3 * min(candidates * widest, max(SCALE_SEARCH_ELEMENTS, widest)) * 4  # temps
         work = hessians + max(solver, search, routed)
         if cfg.method == "gsq":
             train = sum(o * i for o, i in linears) * 4 * (4 * k + 2)
@@ -261,10 +265,11 @@ def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -
     fwd = s.tokens_flops() + attn  # FLOPs per token through the block
     t, v, g = (n * cfg.seqlen for n in (cfg.nsamples, cfg.val_samples, cfg.gptq_samples))
     flops = fwd * (t + v + g)  # propagation
-    elem = SCALE_SEARCH_OPS * p_lin  # initial scale search
+    search_ops = SEARCH_OPS_PER_CANDIDATE * SEARCH_CANDIDATES[cfg.scale_search]
+    elem = search_ops * p_lin  # initial scale search
     if cfg.bpw is not None:  # the sensitivity pass: the block once, then per linear and width
         flops += fwd * SENSITIVITY_WINDOWS * cfg.seqlen * (1 + len(BPW_WIDTHS) * len(linears))
-        elem += SCALE_SEARCH_OPS * p_lin * len(BPW_WIDTHS)
+        elem += search_ops * p_lin * len(BPW_WIDTHS)
     if cfg.method != "rtn" and (cfg.method == "gptq" or cfg.init == "gptq"):
         flops += 5 * fwd * g + sum(2 * o * i * i + i ** 3 for o, i in linears)
     if cfg.method != "gsq":

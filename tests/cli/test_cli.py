@@ -201,6 +201,28 @@ def test_gptq_with_act_order(tiny_llama_dir, calib_file, tmp_path):
     assert build_config(default).act_order is False
 
 
+def test_scale_search_absmax(tiny_llama_dir, calib_file, tmp_path):
+    """--scale-search absmax: the run's config says so and every RTN scale is ±2·max|x|/3 of its
+    group of source weights on the bf16 grid (2-bit), where the default search shrinks some."""
+    from safetensors.torch import load_file
+
+    from gsq.io.quantized_dir import load_records
+
+    source = load_file(str(tiny_llama_dir / "model.safetensors"))
+    scales = {}
+    for search in ("absmax", "mse"):
+        out = tmp_path / search
+        assert main(_quantize_args(tiny_llama_dir, out, calib_file, "--method", "rtn",
+                                   "--group-size", "16", "--scale-search", search)) == 0
+        assert json.loads((out / "gsq_config.json").read_text())["config"]["scale_search"] == search
+        scales[search] = {n: qw.scale.abs() for n, qw in load_records(out).items()}
+    for name, s in scales["absmax"].items():
+        w = source[f"{name}.weight"].float()
+        xmax = w.view(w.shape[0], -1, 16).abs().amax(-1)
+        assert torch.equal(s, (xmax * 2 / 3).to(torch.bfloat16).float()), name
+    assert any(not torch.equal(scales["mse"][n], scales["absmax"][n]) for n in scales["mse"])
+
+
 def test_e2e_flags(capsys, tiny_llama_dir, calib_file, tmp_path):
     from gsq.cli.__main__ import build_config, build_parser
 

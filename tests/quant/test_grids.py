@@ -143,3 +143,33 @@ def test_group_view_and_expand_scale():
         group_view(W, 5)
     scale = torch.tensor([[1.0, 2.0, 3.0]])
     assert expand_scale(scale, 2).tolist() == [[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
+
+
+def _search_error(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-group sum |s*q - x|^2.4 of scales `(rows, n_groups)` on groups `x`."""
+    q = round_to_grid(x, scale.unsqueeze(-1), spec)
+    return (scale.unsqueeze(-1) * q - x).abs().pow(2.4).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, "ternary"])
+def test_absmax_search_takes_max_abs_with_the_better_sign(bits):
+    """"absmax": s = ±2·max|x|/(levels-1) on the bf16 grid, the sign with the lesser error (one
+    sign on the symmetric ternary grid); never better than the full search, which contains it."""
+    x = _groups(seed=7)
+    absmax, mse = QuantSpec(bits, 16, scale_search="absmax"), QuantSpec(bits, 16)
+    s = search_group_scales(x, absmax)
+    base = x.abs().amax(-1) * 2.0 / (absmax.levels - 1)
+    plus, minus = base.to(torch.bfloat16).float(), (-base).to(torch.bfloat16).float()
+    if absmax.qmin == -absmax.qmax:
+        assert torch.equal(s, plus)
+    else:
+        better_minus = _search_error(x, minus, absmax) < _search_error(x, plus, absmax)
+        assert torch.equal(s, torch.where(better_minus, minus, plus))
+    err_mse = _search_error(x, search_group_scales(x, mse), mse)
+    assert (err_mse <= _search_error(x, s, absmax)).all()
+    assert (err_mse < _search_error(x, s, absmax)).any()  # the shrinks do find better scales
+
+
+def test_unknown_scale_search_is_refused():
+    with pytest.raises(ValueError, match="scale search"):
+        QuantSpec(2, 16, scale_search="minmax")

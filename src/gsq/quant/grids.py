@@ -28,9 +28,10 @@ def round_to_grid(x: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
 
 
 def _candidate_scales(xmax: Tensor, spec: QuantSpec, grid=to_bf16_grid) -> Tensor:
-    """`(C, rows, n_groups)` candidates ±2p·max|x|/(levels-1), p in SHRINK_FACTORS, rounded by
-    `grid` (bf16 by default)."""
-    p = torch.tensor(SHRINK_FACTORS, dtype=torch.float32, device=xmax.device)
+    """`(C, rows, n_groups)` candidates ±2p·max|x|/(levels-1), p in SHRINK_FACTORS (p = 1 only
+    for the "absmax" search), rounded by `grid` (bf16 by default)."""
+    factors = SHRINK_FACTORS if spec.scale_search == "mse" else SHRINK_FACTORS[:1]
+    p = torch.tensor(factors, dtype=torch.float32, device=xmax.device)
     signs = (1.0, -1.0) if spec.qmin != -spec.qmax else (1.0,)  # symmetric grids need one sign
     # order p=1.00(+), 1.00(-), 0.99(+), ...: the search keeps the first best candidate
     factors = torch.stack([sign * 2.0 * p / (spec.levels - 1) for sign in signs], 1).flatten()
@@ -41,7 +42,7 @@ def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**24,
                         grid=to_bf16_grid) -> Tensor:
     """Signed MSE-shrink scale search for groups `x` of shape `(rows, n_groups, g)`.
 
-    For p in SHRINK_FACTORS and both signs, s = ±2p·max|x| / (levels - 1); keep the s with the least
+    For p in SHRINK_FACTORS (spec.scale_search "mse"; p = 1 only for "absmax") and both signs, s = ±2p·max|x| / (levels - 1); keep the s with the least
     sum |s·q - x|^2.4 (the first on ties, in the order p = 1.00 → 0.21, + before -). A negative s
     flips the asymmetric 2-bit grid {-2..1} to {-1..2}. All-zero groups use max|x| = 1 so the scale
     stays finite and non-zero (pitfall P3). Candidates are evaluated in chunks of at most

@@ -23,6 +23,10 @@ from gsq.gguf import TYPES as GGUF_TYPES
 
 TERNARY = "ternary"
 SUPPORTED_BITS = (2, 3, 4, TERNARY)
+# How RTN/GPTQ pick a group's scale (`gsq.quant.grids.search_group_scales`): "mse" tries 80 shrink
+# factors p of max|x| (both signs on asymmetric grids) for the least sum |s*q - x|^2.4; "absmax"
+# takes p = 1 only, 80x less work, for models whose search would take hours on a CPU.
+SCALE_SEARCHES = ("mse", "absmax")
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,16 @@ class QuantSpec:
     group_size: int  # input columns per scale
     # GGUF type the scales are fitted to ("Q2_K", "Q4_0", ...); None: bf16 scales (the default)
     target: str | None = None
+    scale_search: str = "mse"  # one of SCALE_SEARCHES
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of 2, 3, 4, ternary; got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group size must be a positive integer; got {self.group_size!r}")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale search must be one of {', '.join(SCALE_SEARCHES)}; "
+                             f"got {self.scale_search!r}")
         if self.target is not None:
             object.__setattr__(self, "target", check_target_spec(self))
 
