@@ -62,19 +62,20 @@ def make_model(root: Path, size: str) -> Path:
     return write_random_checkpoint(path, config, tokenizer, max_shard_bytes=2 << 30)
 
 
-def flags(method: str, max_blocks: int | None) -> list[str]:
+def flags(method: str, max_blocks: int | None, extra: list[str]) -> list[str]:
     blocks = ["--max-blocks", str(max_blocks)] if max_blocks else []
-    return ["--preset", "cpu", "--method", method, *blocks, *BUDGETS[method]]
+    return ["--preset", "cpu", "--method", method, *blocks, *BUDGETS[method], *extra]
 
 
-def predict(model: Path, method: str, max_blocks: int | None, src: Path) -> dict | None:
+def predict(model: Path, method: str, max_blocks: int | None, src: Path,
+            extra: list[str]) -> dict | None:
     """`gsq plan` of the run, in its own process (None if this gsq has no `plan`)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plan.json"
         argv = [sys.executable, "-m", "gsq.cli", "-q", "plan", str(model),
-                *flags(method, max_blocks), "--json", str(path)]
+                *flags(method, max_blocks, extra), "--json", str(path)]
         done = subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(src)},
                               capture_output=True, text=True)
         return json.loads(path.read_text()) if done.returncode == 0 else None
@@ -88,14 +89,17 @@ def max_rss_gib(time_output: str) -> float:
     raise ValueError("no maximum resident set size in the /usr/bin/time output")
 
 
-def run(model: Path, method: str, out: Path, src: Path, max_blocks: int | None) -> dict:
+def run(model: Path, method: str, out: Path, src: Path, max_blocks: int | None,
+        extra: list[str]) -> dict:
     """One `gsq quantize` in a child process under /usr/bin/time -v: its peak RSS, wall time,
-    report, and `gsq plan`'s prediction."""
+    report, `gsq plan`'s prediction and the machine's load average before and after (other
+    processes on the machine slow the run, not its memory)."""
     import tempfile
 
-    plan = predict(model, method, max_blocks, src)
+    plan = predict(model, method, max_blocks, src, extra)
     argv = [sys.executable, "-m", "gsq.cli", "-q", "quantize", str(model),
-            *flags(method, max_blocks), "--out", str(out), "--overwrite"]
+            *flags(method, max_blocks, extra), "--out", str(out), "--overwrite"]
+    load_before = os.getloadavg()[1]
     env = {**os.environ, "PYTHONPATH": str(src)}
     with tempfile.NamedTemporaryFile("r", suffix=".time") as timing:
         t0 = time.perf_counter()
@@ -112,7 +116,8 @@ def run(model: Path, method: str, out: Path, src: Path, max_blocks: int | None) 
            "activations": report.get("activations"),
            "seconds_per_block": sum(b["seconds"] for b in report["blocks"]) / len(report["blocks"]),
            "output_gib": sum(p.stat().st_size for p in out.iterdir()) / 2**30,
-           "stdout": done.stdout.strip()}
+           "stdout": done.stdout.strip(), "extra_flags": extra,
+           "load_average_5min": [round(load_before, 2), round(os.getloadavg()[1], 2)]}
     if plan:
         row.update({"plan_peak_gib": plan["peak_host_gib"],
                     "plan_seconds_per_block": plan["seconds_per_block"],
@@ -167,6 +172,8 @@ def main() -> None:
     parser.add_argument("--tag", default="after")
     parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     parser.add_argument("--json", default=None, help="append the rows to this JSON file")
+    parser.add_argument("--extra", default="",
+                        help="more quantize/plan flags for every run, e.g. '--scale-search absmax'")
     args = parser.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,8 @@ def main() -> None:
             raise SystemExit(f"bad run '{spec}': SIZE in {list(SIZES)}, METHOD in {list(BUDGETS)}")
         model = make_model(root, size)
         out = root / f"out-{size}-{method}"
-        row = run(model, method, out, Path(args.src), None if blocks == "all" else int(blocks))
+        row = run(model, method, out, Path(args.src), None if blocks == "all" else int(blocks),
+                  args.extra.split())
         row.update({"tag": args.tag, "size": size, "params_b": params(model),
                     "date": time.strftime("%Y-%m-%d")})
         rows.append(row)

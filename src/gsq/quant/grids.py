@@ -42,9 +42,10 @@ def search_group_scales(x: Tensor, spec: QuantSpec, max_elements: int = 2**24,
                         grid=to_bf16_grid) -> Tensor:
     """Signed MSE-shrink scale search for groups `x` of shape `(rows, n_groups, g)`.
 
-    For p in SHRINK_FACTORS (spec.scale_search "mse"; p = 1 only for "absmax") and both signs, s = ±2p·max|x| / (levels - 1); keep the s with the least
-    sum |s·q - x|^2.4 (the first on ties, in the order p = 1.00 → 0.21, + before -). A negative s
-    flips the asymmetric 2-bit grid {-2..1} to {-1..2}. All-zero groups use max|x| = 1 so the scale
+    For p in SHRINK_FACTORS (p = 1 only with spec.scale_search "absmax") and both signs,
+    s = ±2p·max|x| / (levels - 1); keep the s with the least sum |s·q - x|^2.4 (the first on ties,
+    in the order p = 1.00 → 0.21, + before -). A negative s flips the asymmetric 2-bit grid
+    {-2..1} to {-1..2}. All-zero groups use max|x| = 1 so the scale
     stays finite and non-zero (pitfall P3). Candidates are evaluated in chunks of at most
     `max_elements` values at once (no host sync; 2**24: temporaries of 64 MB, above glibc's
     largest mmap threshold so they go back to the system when freed, and as fast on CPU as larger
