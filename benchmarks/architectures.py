@@ -162,8 +162,8 @@ def markdown(rows: list[dict]) -> str:
         return f"{row[key]['wall_s']:.1f} ({row[key]['cpu_s']:.1f})" if key in row else "-"
 
     head = ("| case | GGUF need | rtn | gptq | gsq | CT export + load | max logit diff "
-            "(plain / CT; CT vs plain in bf16) | GGUF export | llama.cpp vs `--numerics llama.cpp`: ppl diff %, KL, "
-            "top-1 (s) | refine llama.cpp Q4_0: codes changed (s) |")
+            "(plain / CT; CT vs plain in bf16) | GGUF export | llama.cpp vs `--numerics "
+            "llama.cpp`: ppl diff %, KL, top-1 (s) | refine llama.cpp Q4_0: codes changed (s) |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         if r["check"] != "ok":

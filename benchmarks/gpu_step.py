@@ -58,16 +58,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 try:
     import gsq  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from lion_pytorch import Lion  # noqa: E402
+
+from gsq.calib.capture import capture_block_context  # noqa: E402
+from gsq.calib.objectives import ActivationObjective  # noqa: E402
+from gsq.models.registry import adapter_for  # noqa: E402
+from gsq.models.synthetic import build_random_model, random_config  # noqa: E402
+from gsq.quant.layerwise import QuadraticObjective  # noqa: E402
 from gsq.quant.noise import derive_seed  # noqa: E402
 from gsq.quant.quantizers import InitConfig, LogitQuantizer, make_quantizer  # noqa: E402
 from gsq.quant.rtn import rtn_quantize  # noqa: E402
+from gsq.quant.trainer import TrainConfig, make_optimizer  # noqa: E402
 from gsq.quant.types import QuantSpec, parse_bits  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -161,69 +168,49 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A minimal Llama decoder layer (RMSNorm, GQA attention with RoPE and SDPA, SwiGLU MLP)
+# One Llama-3 decoder layer: transformers' own module, run through gsq's llama adapter and
+# objectives as the block loop runs it
+
+# benchmark name -> the linear's path in the decoder layer
+LINEAR_PATHS = {name: f"self_attn.{name}" for name in ATTN} | {name: f"mlp.{name}" for name in MLP}
 
 
-def make_weights(shape: Shape, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random bf16 linears (std 0.02) and unit RMSNorm weights."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    weights = {name: (torch.randn(o, i, generator=gen, device=device) * 0.02).to(BF16)
-               for name, (o, i) in shape.linear_shapes().items()}
-    weights["input_layernorm"] = torch.ones(shape.hidden, dtype=BF16, device=device)
-    weights["post_attention_layernorm"] = torch.ones(shape.hidden, dtype=BF16, device=device)
-    return weights
+def build_layer(shape: Shape, device: torch.device):
+    """A one-layer Llama-3-shaped model of `shape` in bf16 on `device` (random weights from
+    `gsq.models.synthetic`; vocabulary 256: the embedding is not timed, SDPA attention), the
+    llama adapter, and the block-call keyword arguments for `shape.seq` tokens (rope, mask)."""
+    config = random_config("llama3", 256, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+                           num_hidden_layers=1, num_attention_heads=shape.heads,
+                           num_key_value_heads=shape.kv_heads,
+                           max_position_embeddings=max(shape.seq, 8192))
+    config._attn_implementation = "sdpa"
+    model = build_random_model(config).to(device=device, dtype=BF16)
+    adapter = adapter_for(config.model_type)
+    return model, adapter, capture_block_context(model, adapter, shape.seq, device)
 
 
-def rope_tables(shape: Shape, device: torch.device, theta: float = 500000.0):
-    """cos, sin `(seq, head_dim)` in bf16 (Llama-3 base; the frequency scaling does not matter
-    for timing)."""
-    d = shape.head_dim
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
-    ang = torch.arange(shape.seq, device=device, dtype=torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([ang, ang], dim=-1)
-    return emb.cos().to(BF16), emb.sin().to(BF16)
+def stage_forward(kind: str, adapter, kwargs: dict):
+    """`fn(block, h)` of a micro-step kind: the whole layer ("all7"), the attention sub-block
+    ("vo"), or the MLP after a frozen, forward-only attention ("mlp")."""
+    if kind == "all7":
+        return lambda block, h: adapter.block_forward(block, h, kwargs)
+    if kind == "vo":
+        return lambda block, h: adapter.attention_residual(block, h, kwargs)
+
+    def mlp(block, h):
+        with torch.no_grad():
+            h = adapter.attention_residual(block, h, kwargs)
+        return adapter.mlp_residual(block, h)
+
+    return mlp
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def _sdpa(q, k, v):
-    try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    except TypeError:  # torch < 2.5: expand the kv heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def attention_block(x, W, rope, shape: Shape) -> torch.Tensor:
-    """x + o_proj(attn(q, k, v)) for x `(batch, seq, hidden)`."""
-    b, t, _ = x.shape
-    h = _rms_norm(x, W["input_layernorm"])
-    q = F.linear(h, W["q_proj"]).view(b, t, shape.heads, shape.head_dim).transpose(1, 2)
-    k = F.linear(h, W["k_proj"]).view(b, t, shape.kv_heads, shape.head_dim).transpose(1, 2)
-    v = F.linear(h, W["v_proj"]).view(b, t, shape.kv_heads, shape.head_dim).transpose(1, 2)
-    cos, sin = rope
-    a = _sdpa(_rotate(q, cos, sin), _rotate(k, cos, sin), v)
-    return x + F.linear(a.transpose(1, 2).reshape(b, t, shape.hidden), W["o_proj"])
-
-
-def mlp_block(x, W) -> torch.Tensor:
-    """x + down(silu(gate(h)) * up(h))."""
-    h = _rms_norm(x, W["post_attention_layernorm"])
-    return x + F.linear(F.silu(F.linear(h, W["gate_proj"])) * F.linear(h, W["up_proj"]),
-                        W["down_proj"])
-
-
-def decoder_layer(x, W, rope, shape: Shape) -> torch.Tensor:
-    return mlp_block(attention_block(x, W, rope, shape), W)
+def objective(ctx, kind: str, target: torch.Tensor) -> ActivationObjective:
+    """gsq's block objective (MSE of the sub-block with trial weights against `target`) on the
+    one micro-batch `ctx["x"]`."""
+    batch = (ctx["x"], target)
+    return ActivationObjective(ctx["block"], stage_forward(kind, ctx["adapter"], ctx["kwargs"]),
+                               batch, batch, ctx["x"].shape[0], ctx["device"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,39 +251,13 @@ def soft_weight(q: LogitQuantizer, seed: int, impl) -> torch.Tensor:
                                         KAPPA, TAU, seed, g, q.scale_dtype, BF16, acc)
 
 
-class _TorchLion(torch.optim.Optimizer):
-    """Fallback when lion_pytorch is not installed: the same update as lion_pytorch's update_fn."""
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, wd, (b1, b2) = group["lr"], group["weight_decay"], group["betas"]
-            for p in (p for p in group["params"] if p.grad is not None):
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                p.mul_(1.0 - lr * wd)
-                p.add_(m.mul(b1).add(p.grad, alpha=1.0 - b1).sign_(), alpha=-lr)
-                m.mul_(b2).add_(p.grad, alpha=1.0 - b2)
-
-
-def lion_for(groups, use_triton: bool):
-    """lion_pytorch's Lion (its Triton update when `use_triton` and on CUDA: it asserts CUDA
-    tensors); (optimizer, description)."""
-    use_triton = use_triton and all(p.is_cuda for g in groups for p in g["params"])
-    try:
-        from lion_pytorch import Lion
-    except ImportError:
-        return _TorchLion(groups), "torch fallback (lion_pytorch missing)"
-    opt = Lion(groups, lr=1e-4, betas=(0.9, 0.95), use_triton=use_triton)
+def quantizer_lion(quantizers: dict[str, LogitQuantizer], fused: bool):
+    """The trainer's Lion (`gsq.quant.trainer.make_optimizer`), with lion_pytorch's Triton update
+    for the fused rows on CUDA; (optimizer, description)."""
+    use_triton = fused and all(q.logits.is_cuda for q in quantizers.values())
+    cfg = TrainConfig()
+    opt = make_optimizer(quantizers, cfg, cfg.logit_lr, use_triton=use_triton)
     return opt, f"lion_pytorch{' (triton)' if use_triton else ''}"
-
-
-def quantizer_groups(quantizers: dict[str, LogitQuantizer]) -> list[dict]:
-    """Parameter groups as `gsq.quant.trainer._make_optimizer` builds them."""
-    return [{"params": [q.logits for q in quantizers.values()], "weight_decay": 1.0},
-            {"params": [q.scale for q in quantizers.values()], "lr": 5e-5, "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,61 +265,46 @@ def quantizer_groups(quantizers: dict[str, LogitQuantizer]) -> list[dict]:
 
 
 class Step:
-    """A micro-step closure over a layer, its fixed weights and the trained quantizers."""
+    """A micro-step: `weights()` (linear path -> weight, soft or plain) put into the layer, gsq's
+    block objective on the micro-batch, and the backward."""
 
-    def __init__(self, kind: str, shape: Shape, weights, rope, x, target, quantizers, impl):
-        self.kind, self.shape, self.weights, self.rope = kind, shape, weights, rope
-        self.x, self.target, self.quantizers, self.impl = x, target, quantizers, impl
-        self.count = 0
-
-    def soft(self) -> dict[str, torch.Tensor]:
-        self.count += 1
-        return {name: soft_weight(q, derive_seed(0, qi, self.count), self.impl)
-                for qi, (name, q) in enumerate(self.quantizers.items())}
+    def __init__(self, objective: ActivationObjective, weights) -> None:
+        self.objective, self.weights = objective, weights
+        self.everything = torch.arange(objective.n_train)
 
     def __call__(self) -> None:
-        W = dict(self.weights)
-        W.update(self.soft())
-        if self.kind == "all7":
-            out = decoder_layer(self.x, W, self.rope, self.shape)
-        elif self.kind == "vo":
-            out = attention_block(self.x, W, self.rope, self.shape)
-        else:  # "mlp": attention hard and frozen, forward only
-            with torch.no_grad():
-                h = attention_block(self.x, W, self.rope, self.shape)
-            out = mlp_block(h, W)
-        F.mse_loss(out.float(), self.target.float()).backward()
+        self.objective.loss(self.weights(), self.everything).backward()
 
 
-class PlainStep:
-    """Baseline: bf16 weights requiring grad, no sampler."""
+def soft_weights(quantizers: dict[str, LogitQuantizer], impl):
+    """`weights()` for a Step: fresh soft weights of `quantizers` per call (new noise seed)."""
+    count = 0
 
-    def __init__(self, shape: Shape, params, weights, rope, x, target):
-        self.shape, self.params, self.weights = shape, params, weights
-        self.rope, self.x, self.target = rope, x, target
+    def weights() -> dict[str, torch.Tensor]:
+        nonlocal count
+        count += 1
+        return {LINEAR_PATHS[name]: soft_weight(q, derive_seed(0, qi, count), impl)
+                for qi, (name, q) in enumerate(quantizers.items())}
 
-    def __call__(self) -> None:
-        W = dict(self.weights)
-        W.update(self.params)
-        out = decoder_layer(self.x, W, self.rope, self.shape)
-        F.mse_loss(out.float(), self.target.float()).backward()
+    return weights
 
 
 class QuadraticStep:
-    """Q/K stage step: tr(dW H dW^T) of one soft linear, full batch, then Lion."""
+    """Q/K stage step: gsq's quadratic objective tr(dW H dW^T) of one soft linear (full batch),
+    then Lion."""
 
-    def __init__(self, q: LogitQuantizer, W_f: torch.Tensor, impl: str, opt):
+    def __init__(self, name: str, q: LogitQuantizer, W_f: torch.Tensor, impl: str, opt):
         cols = W_f.shape[1]
         gen = torch.Generator(device=W_f.device).manual_seed(1)
         X = torch.randn(cols, cols, device=W_f.device, generator=gen) / math.sqrt(cols)
-        self.H = X @ X.T
-        self.q, self.W_f, self.impl, self.opt, self.count = q, W_f.float(), impl, opt, 0
+        H = X @ X.T
+        self.objective = QuadraticObjective(name, W_f, H, H)
+        self.name, self.q, self.impl, self.opt, self.count = name, q, impl, opt, 0
 
     def __call__(self) -> None:
         self.count += 1
         W = soft_weight(self.q, derive_seed(1, self.count), self.impl)
-        dW = W.float() - self.W_f
-        ((dW @ self.H) * dW).sum().backward()
+        self.objective.loss({self.name: W}, None).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -384,12 +330,12 @@ def parse_mode(mode: str) -> dict:
 
 
 def run_plain(ctx, timer, args) -> dict:
-    params = {n: ctx["weights"][n].clone().requires_grad_(True) for n in LINEARS}
-    step = PlainStep(ctx["shape"], params, ctx["weights"], ctx["rope"], ctx["x"], ctx["target"])
-    opt, lion = lion_for([{"params": list(params.values()), "weight_decay": 0.0}], False)
+    params = {LINEAR_PATHS[n]: ctx["weights"][n].clone().requires_grad_(True) for n in LINEARS}
+    step = Step(objective(ctx, "all7", ctx["target"]), lambda: params)
+    opt = Lion(list(params.values()), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     micro = timer.ms(step, args.warmup, args.iters)
     opt_ms = timer.ms(opt.step, 1, 3)
-    return {"micro_ms": micro, "opt_ms": opt_ms, "optimizer": lion}
+    return {"micro_ms": micro, "opt_ms": opt_ms, "optimizer": "lion_pytorch"}
 
 
 def run_quantized(ctx, timer, args, mode: str, projection: bool) -> dict:
@@ -397,7 +343,7 @@ def run_quantized(ctx, timer, args, mode: str, projection: bool) -> dict:
     m = parse_mode(mode)
     fused = m["impl"] != "torch"
     qs = cached_quantizers(ctx, m)
-    opt, lion = lion_for(quantizer_groups(qs), use_triton=fused)
+    opt, lion = quantizer_lion(qs, fused)
     impl = m["impl"]
     if impl == "fused-defer":
         from gsq.kernels.sampler_triton import DeferredGrads
@@ -421,8 +367,7 @@ def _window(args, impl) -> tuple[int, int]:
 
 
 def _time_quantized(ctx, timer, args, qs, opt, lion, impl, fused, projection) -> dict:
-    step = Step("all7", ctx["shape"], ctx["weights"], ctx["rope"], ctx["x"], ctx["target"], qs,
-                impl)
+    step = Step(objective(ctx, "all7", ctx["target"]), soft_weights(qs, impl))
     micro = timer.ms(step, *_window(args, impl))
     opt_ms = timer.ms(opt.step, 1, 3)
     # peak of the all-7 step itself (the staged timings below hold a second optimiser)
@@ -458,14 +403,14 @@ def stage_times(ctx, timer, args, qs, impl, fused) -> dict:
     for kind, names in (("vo", ("v_proj", "o_proj")), ("mlp", MLP)):
         sub = {n: qs[n] for n in names}
         target = ctx["target_attn"] if kind == "vo" else ctx["target"]
-        step = Step(kind, ctx["shape"], ctx["weights"], ctx["rope"], ctx["x"], target, sub, impl)
-        opt, _ = lion_for(quantizer_groups(sub), use_triton=fused)
+        step = Step(objective(ctx, kind, target), soft_weights(sub, impl))
+        opt, _ = quantizer_lion(sub, fused)
         out[f"t_{kind}"] = timer.ms(step, *_window(args, impl))
         out[f"o_{kind}"] = timer.ms(opt.step, 1, 3)
         opt.zero_grad(set_to_none=True)
     for name in ("q_proj", "k_proj"):
-        opt, _ = lion_for(quantizer_groups({name: qs[name]}), use_triton=fused)
-        step = QuadraticStep(qs[name], ctx["weights"][name], impl, opt)
+        opt, _ = quantizer_lion({name: qs[name]}, fused)
+        step = QuadraticStep(name, qs[name], ctx["weights"][name], impl, opt)
         out[f"t_{name[0]}"] = timer.ms(step, 2, max(3, args.iters // 2))
         del step, opt
     return out
@@ -645,15 +590,18 @@ def setup(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dry_run and args.device is None:
         device = torch.device("cpu")
-    weights = make_weights(shape, device)
-    rope = rope_tables(shape, device)
+    model, adapter, kwargs = build_layer(shape, device)
+    block = adapter.blocks(model)[0]
+    weights = {name: block.get_submodule(path).weight.detach()
+               for name, path in LINEAR_PATHS.items()}
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(shape.batch, shape.seq, shape.hidden, device=device, generator=gen).to(BF16)
     with torch.no_grad():
-        target_attn = attention_block(x, weights, rope, shape)
-        target = mlp_block(target_attn, weights)
-    return {"shape": shape, "device": device, "weights": weights, "rope": rope, "x": x,
-            "target": target, "target_attn": target_attn}
+        target_attn = adapter.attention_residual(block, x, kwargs)
+        target = adapter.mlp_residual(block, target_attn)
+    return {"shape": shape, "device": device, "block": block, "adapter": adapter,
+            "kwargs": kwargs, "weights": weights, "x": x, "target": target,
+            "target_attn": target_attn}
 
 
 def default_modes(device) -> list[str]:

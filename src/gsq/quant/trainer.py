@@ -115,15 +115,19 @@ def _soft_weights(quantizers: dict[str, LogitQuantizer], tau: float, kappa: floa
             for qi, (name, q) in enumerate(quantizers.items())}
 
 
-def _make_optimizer(quantizers: dict[str, LogitQuantizer], cfg: TrainConfig,
-                    logit_lr: float) -> Lion:
+def make_optimizer(quantizers: dict[str, LogitQuantizer], cfg: TrainConfig, logit_lr: float,
+                   use_triton: bool | None = None) -> Lion:
+    """Lion over the logits (`logit_lr`, decoupled weight decay) and the scales (`cfg.scale_lr`,
+    no decay); lion_pytorch's Triton update where the logits are on CUDA, unless `use_triton`
+    says otherwise (the GPU benchmark times both)."""
     groups = [
         {"params": [q.logits for q in quantizers.values()], "lr": logit_lr,
          "weight_decay": cfg.weight_decay},
         {"params": [q.scale for q in quantizers.values()], "lr": cfg.scale_lr, "weight_decay": 0.0},
     ]
-    fused = lion_uses_triton(q.logits for q in quantizers.values())
-    return Lion(groups, lr=logit_lr, betas=cfg.betas, use_triton=fused)
+    if use_triton is None:
+        use_triton = lion_uses_triton(q.logits for q in quantizers.values())
+    return Lion(groups, lr=logit_lr, betas=cfg.betas, use_triton=use_triton)
 
 
 def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective, cfg: TrainConfig,
@@ -135,7 +139,7 @@ def train_quantizers(quantizers: dict[str, LogitQuantizer], objective: Objective
     per_epoch = n // batch
     sched = Schedule(cfg.epochs * per_epoch, cfg.tau, cfg.kappa, cfg.lr_final_frac, cfg.cosine)
     logit_lr = budget_aware_lr(cfg.logit_lr, sched, cfg.logit_travel)
-    opt = _make_optimizer(quantizers, cfg, logit_lr)
+    opt = make_optimizer(quantizers, cfg, logit_lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     init = {name: q.init for name, q in quantizers.items()}
     best, best_epoch = init, 0
