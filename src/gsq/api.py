@@ -229,12 +229,16 @@ def check_source_architecture(model_source: str, cfg: QuantizeConfig,
                               export_formats: tuple[str, ...] = ()) -> None:
     """GSQError, before any weight is loaded, if gsq cannot quantize the source's architecture
     or cannot export it in `export_formats` ("gguf", "compressed-tensors"; a GGUF target implies
-    "gguf")."""
+    "gguf"), or, for GGUF, cannot convert an HF source's tokenizer (a .gguf source's is copied)."""
+    from gsq.export.gguf_tokenizer import check_source_tokenizer
     from gsq.models.loading import peek_architecture, resolve_model_source
 
-    model_type, config = peek_architecture(resolve_model_source(model_source))
+    source = resolve_model_source(model_source)
+    model_type, config = peek_architecture(source)
     needs = (*export_formats, *((GGUF,) if cfg.target is not None else ()))
     check_architecture(model_type, config, needs)
+    if GGUF in needs and not str(source).lower().endswith(".gguf"):
+        check_source_tokenizer(str(source))
 
 
 def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,

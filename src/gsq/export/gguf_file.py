@@ -4,7 +4,7 @@
   * the architecture keys llama.cpp needs, taken from the HF `config.json` (`gsq.gguf.arch`);
   * the tokenizer: every `tokenizer.*` key copied from the source GGUF when the directory was
     quantized from a `.gguf` file (or the `smollm2-demo` alias), otherwise converted from the
-    directory's HF `tokenizer.json` (`gsq.export.gguf_tokenizer`);
+    directory's HF tokenizer, byte-level BPE or SentencePiece BPE (`gsq.export.gguf_tokenizer`);
   * every tensor: the quantized linears as GGUF blocks built from their integer codes and scales
     (`gsq.export.gguf_blocks`, exact unless `lossy`), everything else (embeddings, norms, an untied
     lm_head, linears left in full precision) as plain floats.
@@ -36,7 +36,11 @@ import torch
 
 from gsq.errors import GSQError
 from gsq.export.gguf_blocks import default_type, encode_weight, exact_problem
-from gsq.export.gguf_tokenizer import tokenizer_kv_from_gguf, tokenizer_kv_from_hf
+from gsq.export.gguf_tokenizer import (
+    check_source_tokenizer,
+    tokenizer_kv_from_gguf,
+    tokenizer_kv_from_hf,
+)
 from gsq.gguf import (
     FLOAT_TYPES,
     TYPES,
@@ -354,10 +358,10 @@ def export_gguf(qdir: str | Path, out: str | Path, *, float_type: str = "F16",
         raise GSQError(f"'{qdir}' is not a gsq quantized directory (no {META_FILE})")
     check_output_path(out, overwrite)
     hp = model_hparams(_read_config(qdir))
+    tokenizer_kv, tokenizer_from = quantized_dir_tokenizer(qdir, hp.n_vocab)  # before the codes
     records = load_records(qdir)
     planned = plan_tensors(_checkpoint_weights(qdir), records, hp, float_type, type_overrides)
     inexact = check_exact(planned, lossy)
-    tokenizer_kv, tokenizer_from = quantized_dir_tokenizer(qdir, hp.n_vocab)
     report = write_gguf(out, hp, planned, tokenizer_kv, name=qdir.resolve().name, lossy=lossy,
                         overwrite=overwrite)
     converted = {t.module: t.qtype for t in planned
@@ -381,6 +385,8 @@ def write_base_gguf(model_source: str, out: str | Path, float_type: str = "F16",
 
     check_output_path(out, overwrite)
     resolved = resolve_model_source(model_source)
+    if not str(resolved).lower().endswith(".gguf"):
+        check_source_tokenizer(str(resolved))  # before the weights load
     model, tokenizer = load_base_model(resolved)
     hp = model_hparams(model.config)
     weights = {k: (tuple(v.shape), (lambda v=v: v.detach()))
