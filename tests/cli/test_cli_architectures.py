@@ -115,6 +115,16 @@ def test_gguf_file_missing_a_key_the_architecture_needs(capsys, tmp_path, no_loa
     assert "has no key 'qwen3moe.attention.head_count'" in line
 
 
+def test_gguf_export_of_a_tokenizer_llamacpp_cannot_run(capsys, tmp_path, no_loading):
+    """A WordPiece tokenizer.json beside the config: GGUF converts byte-level and SentencePiece
+    BPE tokenizers only (tests/export/test_gguf_tokenizer.py has the other refusals)."""
+    model = _config_dir(tmp_path, "llama")
+    (model / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
+    line = _refused(capsys, tmp_path, model, "--export-format", "gguf")
+    assert "cannot convert this WordPiece tokenizer to GGUF" in line
+    assert "SentencePiece BPE ones (Llama 2 / Mistral style)" in line
+
+
 def test_supported_combinations_get_past_the_check(tmp_path, monkeypatch):
     """llama3, qwen3 and both MoE types + GGUF target, qwen2 + compressed-tensors pass the
     check and reach loading."""

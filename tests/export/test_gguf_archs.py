@@ -102,8 +102,10 @@ def texts(tmp_path_factory) -> dict[str, Path]:
     return {"calib": root / "calib.txt", "eval": root / "eval.txt"}
 
 
-def peaked_model_dir(arch: str, tokenizer, path: Path, **overrides) -> Path:
-    """A tiny random model of `arch` with peaked logits and attention, saved as a checkpoint."""
+def peaked_model_dir(arch: str, tokenizer, path: Path, vocab_size: int | None = None,
+                     **overrides) -> Path:
+    """A tiny random model of `arch` with peaked logits and attention, saved as a checkpoint (a
+    vocabulary of `vocab_size`, else the tokenizer's)."""
     from gsq.models.synthetic import (
         build_random_model,
         peak_attention,
@@ -111,8 +113,8 @@ def peaked_model_dir(arch: str, tokenizer, path: Path, **overrides) -> Path:
         save_random_model,
     )
 
-    model = build_random_model(random_config(arch, len(tokenizer), **overrides), seed=0,
-                               logit_scale=LOGIT_SCALE)
+    config = random_config(arch, vocab_size or len(tokenizer), **overrides)
+    model = build_random_model(config, seed=0, logit_scale=LOGIT_SCALE)
     return save_random_model(peak_attention(model, QK_GAIN, QK_NORM_GAIN), tokenizer, path)
 
 

@@ -28,6 +28,7 @@ _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 BYTE_LEVEL, SENTENCEPIECE = "gpt2", "llama"  # llama.cpp's vocabulary names (tokenizer.ggml.model)
 SPACE = "\u2581"  # SentencePiece's space
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _CONVERTIBLE = ("GGUF export converts byte-level BPE tokenizers (GPT-2 / SmolLM / Llama-3 / Qwen2 "
                 "style) and SentencePiece BPE ones (Llama 2 / Mistral style)")
 
@@ -71,15 +72,28 @@ def hf_tokenizer_kind(tok_dir: str | Path) -> str:
 
 def check_source_tokenizer(source: str) -> None:
     """GSQError, before any weight is loaded, unless the tokenizer of an HF model source (a
-    folder or a hub id, whose tokenizer files are fetched) converts to GGUF."""
+    folder, or a hub id whose tokenizer files are fetched) converts to GGUF. Tokenizer files that
+    cannot be found are left to the model loader to report."""
     path = Path(source).expanduser()
-    if not path.is_dir():
-        from transformers.utils import cached_file
+    path = path if path.is_dir() else _hub_tokenizer_dir(source)
+    if path is not None and any((path / name).is_file() for name in _TOKENIZER_FILES):
+        hf_tokenizer_kind(path)
 
+
+def _hub_tokenizer_dir(source: str) -> Path | None:
+    """The cache folder of a hub model's tokenizer.json / tokenizer.model, None if it has none."""
+    from transformers.utils import cached_file
+
+    from gsq.models.loading import looks_like_path
+
+    if looks_like_path(source):
+        return None
+    try:
         found = [cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-                 for name in ("tokenizer.json", "tokenizer.model")]
-        path = next((Path(f).parent for f in found if f), path)
-    hf_tokenizer_kind(path)
+                 for name in _TOKENIZER_FILES]
+    except (OSError, ValueError):  # unreachable, or not a valid hub id
+        return None
+    return next((Path(f).parent for f in found if f), None)
 
 
 def _read_tokenizer_json(tok_dir: Path) -> dict | None:
