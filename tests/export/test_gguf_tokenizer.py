@@ -3,19 +3,22 @@ vocabulary (gsq.export.gguf_tokenizer).
 
 A tiny SentencePiece BPE model like Llama 2's (byte fallback, digits split, 1,000 pieces, trained on
 the bundled book in a fraction of a second) is given, as transformers converts it, to tiny random
-models in the two tokenizer.json layouts such models come with:
+models (with two added tokens, one special) in the two tokenizer.json layouts such models come
+with:
   * "legacy": a Prepend + Replace normalizer (Llama 2 and Mistral v0.1 as shipped), on a Llama;
   * "metaspace": a Metaspace pre-tokenizer, prepend scheme 'first' (Mistral v0.3, and what
     transformers 5 makes of a Llama tokenizer), on a Mistral;
 each with a model vocabulary rounded up past the tokenizer's, quantized by RTN and exported
 (`export_gguf`, as `gsq export --format gguf` does). Checked:
-  * the keys llama.cpp's converter writes for such a tokenizer (padding included);
+  * the keys llama.cpp's converter writes for such a tokenizer (added tokens, padding);
   * llama.cpp tokenizes ASCII, digits, accents, characters that need the byte fallback, leading
     spaces and newlines to the ids the HF tokenizer gives (BOS first) and decodes them back to the
     text; a text that begins with a space gets one ▁ more than under a 'first' Metaspace, as
-    sentencepiece itself gives it (true of any llama.cpp conversion of such a tokenizer);
+    sentencepiece itself gives it (true of any llama.cpp conversion of such a tokenizer); added
+    tokens stay whole;
   * llama.cpp's perplexity agrees within 0.5% with `gsq eval FILE.gguf --numerics llama.cpp`;
-  * a directory with only the tokenizer.model converts through sentencepiece to the same ids.
+  * a directory with only the tokenizer.model converts through sentencepiece to the same ids
+    (without the sentencepiece package: a one-line error naming it).
 Negative controls: the scores gguf.LlamaHfVocab gives (all equal) make llama.cpp split a sentence
 otherwise, and byte tokens not typed BYTE decode as their names. Tokenizers llama.cpp would run
 differently (WordPiece, Unigram, SentencePiece with other steps) are refused before any weight
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,8 +49,9 @@ from gsq.export.gguf_file import export_gguf, write_base_gguf
 from gsq.export.gguf_tokenizer import hf_tokenizer_kind
 from gsq.gguf import field_value, read_gguf
 
-VOCAB, N_VOCAB = 1000, 1008  # the tokenizer's pieces; the model's vocabulary, rounded up
-UNKNOWN, CONTROL, UNUSED, BYTE = 2, 3, 5, 6  # llama.cpp token types
+VOCAB, N_VOCAB = 1000, 1008  # the SentencePiece pieces; the model's vocabulary, rounded up
+ADDED = ("[INST]", "<think>")  # added to the HF tokenizer after the pieces: special, and not
+UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 2, 3, 4, 5, 6  # llama.cpp token types
 LAYOUTS = {"legacy": "llama", "metaspace": "mistral"}  # tokenizer.json layout -> architecture
 TEXTS = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -89,7 +94,7 @@ def _processor(sp_model: Path):
 def hf_tokenizer(sp_model: Path, layout: str):
     """The fast tokenizer transformers makes of `sp_model`: its pieces, as merges every split of a
     piece into two pieces (best piece score first), byte fallback, BOS added; spaces written as
-    ▁ by `layout`."""
+    ▁ by `layout`; then the ADDED tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from tokenizers.pre_tokenizers import Metaspace
     from transformers import PreTrainedTokenizerFast
@@ -112,7 +117,8 @@ def hf_tokenizer(sp_model: Path, layout: str):
     backend.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                            special_tokens=[("<s>", 1)])
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t in pieces[:3]])
+                                for t in (*pieces[:3], ADDED[0])])
+    backend.add_tokens([AddedToken(ADDED[1], normalized=False, special=False)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
 
@@ -171,7 +177,8 @@ def _tokenizer_keys(path: Path) -> dict:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_file_has_llamacpps_sentencepiece_vocabulary(exported, sp_model, layout):
     """As llama.cpp's converter writes it: no pre-tokenizer name and no merges, one score and
-    type per token, the rounded-up vocabulary padded with unused [PAD{id}] tokens."""
+    type per token (added tokens CONTROL if special, else USER_DEFINED), the rounded-up
+    vocabulary padded with unused [PAD{id}] tokens."""
     from gsq.api import check_source_architecture
     from gsq.config import QuantizeConfig
 
@@ -182,9 +189,9 @@ def test_the_file_has_llamacpps_sentencepiece_vocabulary(exported, sp_model, lay
     assert "tokenizer.ggml.pre" not in keys and "tokenizer.ggml.merges" not in keys
     assert len(tokens) == len(scores) == len(types) == N_VOCAB
     assert tokens[:VOCAB] == [_processor(sp_model).id_to_piece(i) for i in range(VOCAB)]
-    assert tokens[VOCAB:] == [f"[PAD{i}]" for i in range(VOCAB, N_VOCAB)]
+    assert tokens[VOCAB:] == [*ADDED, *(f"[PAD{i}]" for i in range(VOCAB + 2, N_VOCAB))]
     assert types[:3] == [CONTROL] * 3 and types[3:259] == [BYTE] * 256
-    assert set(types[VOCAB:]) == {UNUSED}
+    assert types[VOCAB:] == [CONTROL, USER_DEFINED, *[UNUSED] * (N_VOCAB - VOCAB - 2)]
     assert {k.removeprefix("tokenizer.ggml."): v for k, v in keys.items()
             if k.endswith(("_id", "_token", "_prefix"))} == {
         "unknown_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "add_bos_token": True,
@@ -212,6 +219,9 @@ def test_llamacpp_tokenizes_as_the_hf_tokenizer(llama_cpp, exported, sp_model, l
             else:
                 assert ids == hf(text)["input_ids"], text
             assert llm.detokenize(ids) == text.encode(), text
+        for i, token in enumerate(ADDED, VOCAB):  # whole (CONTROL ones with special=True)
+            assert llm.tokenize(token.encode(), add_bos=False, special=True) == \
+                hf(token, add_special_tokens=False)["input_ids"] == [i], token
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -247,9 +257,17 @@ def test_a_lone_tokenizer_model_converts_through_sentencepiece(llama_cpp, export
     keys, sp = _tokenizer_keys(tmp_path / "sp.gguf"), _processor(sp_model)
     assert keys["tokenizer.ggml.scores"][:VOCAB] == [sp.get_score(i) for i in range(VOCAB)]
     assert keys["tokenizer.ggml.token_type"][:4] == [UNKNOWN, CONTROL, CONTROL, BYTE]
-    assert keys["tokenizer.ggml.tokens"] == _tokenizer_keys(exported("legacy")["gguf"])[
-        "tokenizer.ggml.tokens"]
+    assert keys["tokenizer.ggml.tokens"][:VOCAB] == _tokenizer_keys(exported("legacy")["gguf"])[
+        "tokenizer.ggml.tokens"][:VOCAB]
     assert mismatches(llama_cpp, tmp_path / "sp.gguf", sp_model) == {}
+
+
+def test_a_lone_tokenizer_model_without_sentencepiece_is_a_user_error(sp_model, tmp_path,
+                                                                        monkeypatch):
+    shutil.copy(sp_model, tmp_path / "tokenizer.model")
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import fails
+    with pytest.raises(GSQError, match="needs the sentencepiece package: pip install "):
+        gguf_tokenizer.tokenizer_kv_from_hf(tmp_path, N_VOCAB)
 
 
 # --------------------------------------------------------------------------------------------

@@ -226,11 +226,19 @@ def _bpe_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
     from gguf import TokenType
 
     by_id = {int(i): (tok, int(TokenType.NORMAL)) for tok, i in spec["model"]["vocab"].items()}
-    for added in spec.get("added_tokens", []):
-        kind = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
-        by_id[int(added["id"])] = (added["content"], int(kind))
+    by_id.update(_added_tokens(spec))
     rows = _padded(by_id, n_vocab, lambda i: (f"[PAD{i}]", int(TokenType.UNUSED)))
     return [tok for tok, _ in rows], [kind for _, kind in rows]
+
+
+def _added_tokens(spec: dict) -> dict[int, tuple[str, int]]:
+    """id -> (token, llama.cpp type) of the tokenizer.json's added tokens: CONTROL if special,
+    else USER_DEFINED (llama.cpp, as HF, matches either whole in a text)."""
+    from gguf import TokenType
+
+    return {int(added["id"]): (added["content"], int(TokenType.CONTROL if added.get("special")
+                                                      else TokenType.USER_DEFINED))
+            for added in spec.get("added_tokens", [])}
 
 
 def _padded(by_id: dict[int, tuple], n_vocab: int, pad: Callable[[int], tuple]) -> list[tuple]:
@@ -277,8 +285,9 @@ def _sentencepiece_kv(tok_dir: Path, spec: dict | None, n_vocab: int) -> list[Ke
 
 
 def _llama_hf_vocab(tok_dir: Path, spec: dict) -> _SentencePieceVocab:
-    """Tokens and types of a SentencePiece BPE tokenizer.json by gguf.LlamaHfVocab, scored by
-    `_merge_scores` (LlamaHfVocab scores every token -1000)."""
+    """Tokens and types of a SentencePiece BPE tokenizer.json by gguf.LlamaHfVocab, added tokens
+    typed as in the byte-level case (LlamaHfVocab makes CONTROL only the tokens transformers
+    lists as special), scored by `_merge_scores` (LlamaHfVocab scores every token -1000)."""
     from gguf.vocab import LlamaHfVocab
 
     vocab = LlamaHfVocab(tok_dir)
@@ -287,8 +296,10 @@ def _llama_hf_vocab(tok_dir: Path, spec: dict) -> _SentencePieceVocab:
                        "ids; they cannot be placed in a GGUF vocabulary")
     scores = _merge_scores(spec)
     unmerged = min(scores.values(), default=0.0) - 1.0
-    entries = [(text.decode("utf-8"), scores.get(text.decode("utf-8"), unmerged), int(kind))
-               for text, _, kind in vocab.all_tokens()]
+    added = _added_tokens(spec)
+    entries = [(text.decode("utf-8"), scores.get(text.decode("utf-8"), unmerged),
+                added[i][1] if i in added else int(kind))
+               for i, (text, _, kind) in enumerate(vocab.all_tokens())]
     return _SentencePieceVocab(entries, _prepends_space(spec), _adds_bos_eos(vocab.tokenizer), {})
 
 
