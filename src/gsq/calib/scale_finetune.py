@@ -4,8 +4,8 @@ KL(full precision || quantized) of the next-token distribution over the training
 
 Teacher. The full-precision model runs once (`capture_teacher`), block by block over the train
 and val windows: before the block loop for a model quantized in memory (`gsq.api.quantize_model`),
-or loaded from the source after a streamed run (`gsq.api.finetune_output`). It keeps the final
-hidden state after the final norm,
+or after a streamed run from the source checkpoint, one block read at a time
+(`gsq.api.finetune_output`). It keeps the final hidden state after the final norm,
 `(N, T, hidden)` on the host, and the teacher's logits are recomputed per micro-batch with the LM
 head (which the stage never trains). The KL is then exact over the whole vocabulary at the memory
 of one hidden state per token: full logits would take vocab x tokens (49152 x 16,384 fp32 = 3.2 GB
@@ -20,11 +20,11 @@ thus always sees storable scales, and the result kept is exactly what is saved: 
 whatever its size. Norm weights (`norms=True`) become `w0 * m` the same way (kept in fp32).
 
 Forward. A per-block loop: embeddings -> blocks through the adapter -> final norm -> KL on token
-chunks (`_KL_CHUNK`, checkpointed when there are several). That is the shape of a block-streamed
-run: with the block inputs kept at block boundaries, the backward can be replayed block by block
-(each block's forward recomputed) with one block's weights resident at a time, and the teacher
-already runs one block at a time. This version keeps the whole quantized model on the device and
-lets autograd hold the activations, so it needs the model in memory.
+chunks (`_KL_CHUNK`, checkpointed when there are several). Two students share the optimisation
+loop (`_train`) through one interface (`accumulate` the gradients of a step's micro-batches,
+`held_out` KL): `_InMemory` here keeps the whole quantized model on the device and lets autograd
+hold the activations; `gsq.calib.scale_stream` streams it one block at a time, block inputs kept
+at block boundaries and the backward replayed block by block. Both give the same bits.
 
 Acceptance. The held-out KL on the val windows is measured for the input scales and after every
 epoch; the best of {input, epoch 1..E} is kept, so the stage never returns a model with a higher
@@ -40,11 +40,12 @@ stage keeps their scales (listed under `frozen`) and trains the other linears' (
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,10 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from gsq import dist
+from gsq.calib.cache import ActivationStore
 from gsq.calib.capture import capture_block_context, capture_block_inputs
 from gsq.calib.objectives import map_batches
+from gsq.calib.sequential import BlockLoader
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.models.base import ModelAdapter
@@ -64,12 +67,13 @@ from gsq.quant.lattice import Fp16Lattice, project_ste
 from gsq.quant.noise import derive_seed
 from gsq.quant.schedule import Schedule
 from gsq.quant.target import target_type
-from gsq.quant.types import QuantizedWeight
+from gsq.quant.types import QuantizedWeight, QuantSpec
 
 log = logging.getLogger(__name__)
 
 _KL_CHUNK = 2048  # tokens per LM-head + KL chunk: 2048 x 49152 fp32 logits = 400 MB
 _ORDER_SEED = 0xE2E
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -84,40 +88,37 @@ class Teacher:
 
 @torch.no_grad()
 def capture_teacher(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tensor],
-                    cfg: QuantizeConfig, device: torch.device) -> Teacher:
+                    cfg: QuantizeConfig, device: torch.device, loader: BlockLoader | None = None,
+                    store: ActivationStore | None = None) -> Teacher:
     """Run the (still full-precision) model over the train and val windows `(N, T)`, one block on
-    the device at a time, and keep its normed final hidden states on the host."""
+    the device at a time, and keep its normed final hidden states on the host.
+
+    loader: where the weights come from (default: the model in memory; a `StreamedBlocks` reads
+    each block from the source checkpoint); store: the host tensors (RAM or spill files)."""
     t0 = time.perf_counter()
     micro = cfg.e2e.micro_batch_size
-    for module in adapter.embedding_modules(model):
-        module.to(device)
+    loader = loader or BlockLoader()
+    loader.load_embeddings(model, adapter, device)
     ctx = capture_block_context(model, adapter, cfg.seqlen, device)
-    hidden = {s: capture_block_inputs(model, adapter, ids, device, micro).cpu()
+    hidden = {s: capture_block_inputs(model, adapter, ids, device, micro, CPU, store)
               for s, ids in stage_windows(windows, cfg).items()}
-    for block in adapter.blocks(model):
-        with _on_device(block, device):
-            for s, h in hidden.items():
-                hidden[s] = map_batches(lambda x, b=block: adapter.block_forward(b, x, ctx), h,
-                                        micro, device)
-    with _on_device(adapter.final_norm(model), device) as norm:
-        hidden = {s: map_batches(norm, h, micro, device) for s, h in hidden.items()}
+    loader.release_embeddings(model, adapter)
+    for index, block in enumerate(adapter.blocks(model)):
+        loader.load(index, block, device)
+        for s, h in hidden.items():
+            hidden[s] = map_batches(lambda x, b=block: adapter.block_forward(b, x, ctx), h,
+                                    micro, device, store)
+        loader.release(index, block)
+    norm = adapter.final_norm(model)
+    loader.load_module(model, norm, device)
+    hidden = {s: map_batches(norm, h, micro, device, store) for s, h in hidden.items()}
+    loader.release_module(model, norm)
     return Teacher(hidden["train"], hidden["val"], time.perf_counter() - t0)
 
 
 def stage_windows(windows: dict[str, Tensor], cfg: QuantizeConfig) -> dict[str, Tensor]:
     """The stage's train windows (the first `cfg.e2e.windows` of the train split) and val."""
     return {"train": windows["train"][: cfg.e2e.windows], "val": windows["val"]}
-
-
-@contextlib.contextmanager
-def _on_device(module: nn.Module, device: torch.device):
-    """`module` moved to `device` for the block and back to where it was afterwards."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,14 +167,37 @@ class _ScaledNorm(nn.Module):
         return torch.ones_like(self.w0)
 
 
-def scale_storage(qw: QuantizedWeight):
-    """What `qw`'s scales are rounded to when stored (an object with `project`), or None if it
-    cannot be known here (a K-type target without its lattice)."""
-    if qw.spec.target is None:
+def storage_for(spec: QuantSpec, lattice=None):
+    """What scales of `spec` are rounded to when stored (an object with `project`), or None if
+    it cannot be known here (a K-type target without its `lattice`)."""
+    if spec.target is None:
         return _Bf16
-    if qw.lattice is not None:
-        return qw.lattice
-    return None if target_type(qw.spec.target).is_k else Fp16Lattice(qw.spec)
+    if lattice is not None:
+        return lattice
+    return None if target_type(spec.target).is_k else Fp16Lattice(spec)
+
+
+def scale_storage(qw: QuantizedWeight):
+    """`storage_for` a record (its spec and the lattice it carries)."""
+    return storage_for(qw.spec, qw.lattice)
+
+
+def kept_scale(qw: QuantizedWeight, m: Tensor) -> Tensor:
+    """The stored scale `project(s0 * m)` of a record trained to multipliers `m`."""
+    with torch.no_grad():
+        return _ScaledCodes(qw, scale_storage(qw)).scale(m.to(qw.scale.device)).detach().clone()
+
+
+def split_trainable(model: nn.Module, adapter: ModelAdapter,
+                    specs: dict[str, tuple[QuantSpec, object]]) -> tuple[list[str], list[str]]:
+    """(trained, frozen) names of the records `{name: (spec, lattice)}`: MoE experts (slices of
+    fused parameters) and K-type records without their lattice keep their scales."""
+    experts = set(adapter.expert_linears(model))
+    trained, frozen = [], []
+    for name, (spec, lattice) in specs.items():
+        keep = name in experts or storage_for(spec, lattice) is None
+        (frozen if keep else trained).append(name)
+    return trained, frozen
 
 
 def _attach(module: nn.Module, parametrization: nn.Module) -> nn.Parameter:
@@ -208,23 +232,36 @@ class _Trainable:
                 p.copy_(v)
 
 
-def _parametrize(model: nn.Module, adapter: ModelAdapter, records: dict[str, QuantizedWeight],
-                 norms: bool, device: torch.device) -> _Trainable:
-    scales, frozen = {}, []
-    experts = set(adapter.expert_linears(model))  # slices of fused MoE parameters: kept as is
-    for name, qw in records.items():
-        storage = scale_storage(qw)
-        if storage is None or name in experts:
-            frozen.append(name)
-            continue
+def attach_multipliers(model: nn.Module, records: dict[str, QuantizedWeight],
+                       scale_names: Sequence[str], norm_names: Sequence[str],
+                       device: torch.device) -> _Trainable:
+    """Parametrise the linears `scale_names` (their `records`) and the norms `norm_names` of
+    `model` (modules on `device`); every multiplier starts at 1."""
+    scales = {}
+    for name in scale_names:
+        qw, storage = records[name], scale_storage(records[name])
         if hasattr(storage, "to"):
             storage = storage.to(device)
         scales[name] = _attach(model.get_submodule(name), _ScaledCodes(qw.to(device), storage))
-    norm_params = {}
-    if norms:
-        for name, module in adapter.norm_modules(model).items():
-            norm_params[name] = _attach(module, _ScaledNorm(module.weight))
-    return _Trainable(scales, norm_params, frozen)
+    norms = {name: _attach(module := model.get_submodule(name), _ScaledNorm(module.weight))
+             for name in norm_names}
+    return _Trainable(scales, norms, [])
+
+
+def detach_multipliers(model: nn.Module, trainable: _Trainable) -> None:
+    """Remove the parametrisations: each weight keeps its parametrised value."""
+    for name in [*trainable.scales, *trainable.norms]:
+        _detach(model.get_submodule(name))
+
+
+def _parametrize(model: nn.Module, adapter: ModelAdapter, records: dict[str, QuantizedWeight],
+                 norms: bool, device: torch.device) -> _Trainable:
+    trained, frozen = split_trainable(model, adapter,
+                                      {n: (qw.spec, qw.lattice) for n, qw in records.items()})
+    norm_names = list(adapter.norm_modules(model)) if norms else []
+    trainable = attach_multipliers(model, records, trained, norm_names, device)
+    trainable.frozen = frozen
+    return trainable
 
 
 def _release(model: nn.Module, records: dict[str, QuantizedWeight],
@@ -259,16 +296,11 @@ def _kl_sum(student: Tensor, teacher: Tensor, head: nn.Module) -> Tensor:
     return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
 
 
-def _micro_kl(model: nn.Module, adapter: ModelAdapter, inputs: Tensor, teacher: Tensor,
-              ctx: dict) -> Tensor:
-    """Mean KL per token of one micro-batch: block-0 inputs and teacher states `(b, T, hidden)`
-    already on the device."""
-    h = inputs
-    for block in adapter.blocks(model):
-        h = adapter.block_forward(block, h, ctx)
-    h = adapter.final_norm(model)(h).flatten(0, 1)  # (b*T, hidden)
+def top_kl(norm: nn.Module, head: nn.Module, h: Tensor, teacher: Tensor) -> Tensor:
+    """Mean KL per token of one micro-batch from the last block's output `h` and the teacher's
+    normed states, both `(b, T, hidden)` on the device: final norm, then LM head + KL by chunks."""
+    h = norm(h).flatten(0, 1)  # (b*T, hidden)
     t = teacher.flatten(0, 1)
-    head = adapter.lm_head(model)
     chunks = list(zip(h.split(_KL_CHUNK), t.split(_KL_CHUNK), strict=True))
     if len(chunks) == 1 or not torch.is_grad_enabled():
         total = sum(_kl_sum(hs, ts, head) for hs, ts in chunks)
@@ -277,13 +309,70 @@ def _micro_kl(model: nn.Module, adapter: ModelAdapter, inputs: Tensor, teacher: 
     return total / h.shape[0]
 
 
-@torch.no_grad()
-def _held_out_kl(model, adapter, inputs: Tensor, teacher: Tensor, ctx, micro: int,
-                 device) -> float:
-    total = 0.0
-    for x, t in zip(inputs.split(micro), teacher.split(micro), strict=True):
-        total += float(_micro_kl(model, adapter, x.to(device), t.to(device), ctx)) * len(x)
-    return total / inputs.shape[0]
+def _micro_kl(model: nn.Module, adapter: ModelAdapter, inputs: Tensor, teacher: Tensor,
+              ctx: dict) -> Tensor:
+    """Mean KL per token of one micro-batch: block-0 inputs and teacher states `(b, T, hidden)`
+    already on the device."""
+    h = inputs
+    for block in adapter.blocks(model):
+        h = adapter.block_forward(block, h, ctx)
+    return top_kl(adapter.final_norm(model), adapter.lm_head(model), h, teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# Students: what the optimisation loop needs of the quantized model
+
+
+class Student(Protocol):
+    """The quantized model under training, as the loop (`_train`) sees it."""
+
+    trainable: _Trainable
+    n_train: int  # train windows
+
+    def accumulate(self, micros: list[Tensor], batch: int) -> float:
+        """Backpropagate the KL of each micro-batch (window indices), weighted by its share
+        len(micro) / batch of the step, into the multipliers' `.grad` (summed in the order of
+        `micros`); returns the sum of the weighted losses."""
+
+    def held_out(self) -> float:
+        """Mean KL per token over the val windows with the current multipliers."""
+
+
+@dataclass
+class _InMemory:
+    """The whole quantized model on the device, autograd through all of it per micro-batch."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    trainable: _Trainable
+    inputs: dict[str, Tensor]  # block-0 inputs {train, val} `(N, T, hidden)`, host
+    teacher: Teacher
+    ctx: dict
+    micro: int
+    device: torch.device
+
+    @property
+    def n_train(self) -> int:
+        return self.inputs["train"].shape[0]
+
+    def accumulate(self, micros: list[Tensor], batch: int) -> float:
+        total = 0.0
+        for micro in micros:
+            loss = _micro_kl(self.model, self.adapter, self.inputs["train"][micro].to(self.device),
+                             self.teacher.train[micro].to(self.device), self.ctx)
+            loss = loss * (len(micro) / batch)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    @torch.no_grad()
+    def held_out(self) -> float:
+        total = 0.0
+        for x, t in zip(self.inputs["val"].split(self.micro), self.teacher.val.split(self.micro),
+                        strict=True):
+            total += float(_micro_kl(self.model, self.adapter, x.to(self.device),
+                                     t.to(self.device), self.ctx)) * len(x)
+        return total / self.inputs["val"].shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,25 +396,33 @@ def scale_finetune(model: nn.Module, adapter: ModelAdapter, records: dict[str, Q
     inputs = {s: capture_block_inputs(model, adapter, ids, device, e2e.micro_batch_size).cpu()
               for s, ids in stage_windows(windows, cfg).items()}
     trainable = _parametrize(model, adapter, records, e2e.norms, device)
+    student = _InMemory(model, adapter, trainable, inputs, teacher, ctx, e2e.micro_batch_size,
+                        device)
     try:
-        run = _train(model, adapter, trainable, inputs, teacher, ctx, cfg, device, progress)
+        run = train(student, cfg, device, progress)
     finally:
         out = _release(model, records, trainable)
+    return out, stage_report(run, trainable, teacher, t0)
+
+
+def stage_report(run: dict, trainable: _Trainable, teacher: Teacher, t0: float) -> dict:
+    """The report entry of a finished stage (`train`'s entry completed), logged."""
     run.update({"trained_scales": len(trainable.scales), "trained_norms": len(trainable.norms),
                 "frozen": trainable.frozen, "teacher_seconds": round(teacher.seconds, 3),
                 "seconds": round(time.perf_counter() - t0 + teacher.seconds, 3)})
     log.info("e2e scale stage: held-out KL %.5f -> %.5f (%s), %.1f s", run["val_kl_before"],
              run["val_kl_after"], "kept" if run["best_epoch"] else "input kept", run["seconds"])
-    return out, run
+    return run
 
 
-def _train(model, adapter, trainable: _Trainable, inputs: dict[str, Tensor], teacher: Teacher,
-           ctx: dict, cfg: QuantizeConfig, device: torch.device, progress: bool) -> dict:
-    """The optimisation loop; leaves the best multipliers in place; returns the report entry."""
+def train(student: Student, cfg: QuantizeConfig, device: torch.device, progress: bool) -> dict:
+    """The optimisation loop; leaves the best multipliers in `student.trainable`; returns the
+    report entry. Lion is elementwise, so one optimiser over every multiplier takes the same
+    steps as one per block would."""
     from tqdm.auto import tqdm
 
-    e2e = cfg.e2e
-    n = inputs["train"].shape[0]
+    e2e, trainable = cfg.e2e, student.trainable
+    n = student.n_train
     batch = min(e2e.batch_size, n)
     per_epoch = n // batch
     sched = Schedule(e2e.epochs * per_epoch, lr_final_frac=e2e.lr_final_frac)
@@ -334,8 +431,7 @@ def _train(model, adapter, trainable: _Trainable, inputs: dict[str, Tensor], tea
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _ORDER_SEED))
 
     def held_out() -> float:  # every process computes it; rank 0's value is used (`gsq.dist`)
-        return dist.from_rank0([_held_out_kl(model, adapter, inputs["val"], teacher.val, ctx,
-                                             e2e.micro_batch_size, device)])[0]
+        return dist.from_rank0([student.held_out()])[0]
 
     world = dist.world()
 
@@ -350,15 +446,9 @@ def _train(model, adapter, trainable: _Trainable, inputs: dict[str, Tensor], tea
             for group in opt.param_groups:
                 group["lr"] = e2e.lr * sched.lr_factor(step)
             opt.zero_grad(set_to_none=True)
-            total = 0.0
             # micro-batch m of the step runs on process m mod N; gradients summed over processes
-            for m, micro in enumerate(idx.split(e2e.micro_batch_size)):
-                if not world.owns(m):
-                    continue
-                loss = _micro_kl(model, adapter, inputs["train"][micro].to(device),
-                                 teacher.train[micro].to(device), ctx) * (len(micro) / len(idx))
-                loss.backward()
-                total += float(loss.detach())
+            micros = [mb for m, mb in enumerate(idx.split(e2e.micro_batch_size)) if world.owns(m)]
+            total = student.accumulate(micros, len(idx)) if micros else 0.0
             if world.size > 1:
                 summed = torch.tensor(total, dtype=torch.float64, device=device)
                 dist.sum_gradients(params, summed)

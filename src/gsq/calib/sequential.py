@@ -465,6 +465,15 @@ class BlockLoader:
     def release(self, index: int, block: nn.Module) -> None:
         block.to(self._home)
 
+    def load_module(self, model: nn.Module, module: nn.Module, device: torch.device) -> None:
+        """A module outside the blocks (the final norm, the LM head), on `device` for a while."""
+        self._homes = getattr(self, "_homes", {})
+        self._homes[id(module)] = next(module.parameters()).device
+        module.to(device)
+
+    def release_module(self, model: nn.Module, module: nn.Module) -> None:
+        module.to(self._homes.pop(id(module)))
+
 
 # Called after each quantized block with (index, block still on the device, its records by
 # full name, its report entry, the next block's inputs): writes or checkpoints the block.

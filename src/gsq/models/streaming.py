@@ -420,3 +420,28 @@ class StreamedBlocks:
 
     def release(self, index: int, block: nn.Module) -> None:
         self.source.drop(self.model, self.block_prefix(index))
+
+    def module_prefix(self, module: nn.Module) -> str:
+        return next(n for n, m in self.model.named_modules() if m is module) + "."
+
+    def load_module(self, model: nn.Module, module: nn.Module, device: torch.device) -> None:
+        """A module outside the blocks (final norm, LM head). An LM head tied to the embeddings
+        (no tensor of its own in the checkpoint) shares the embedding weight, read for it."""
+        if self._tied(module):
+            self.source.load(model, self.embedding_prefixes[0], device)
+            model.tie_weights()
+        else:
+            self.source.load(model, self.module_prefix(module), device)
+        module.to(device)
+
+    def release_module(self, model: nn.Module, module: nn.Module) -> None:
+        if self._tied(module):
+            self.source.drop(model, self.embedding_prefixes[0])
+            model.tie_weights()  # the head lets go of the values too
+        else:
+            self.source.drop(model, self.module_prefix(module))
+
+    def _tied(self, module: nn.Module) -> bool:
+        config = self.model.config.get_text_config()
+        return (getattr(config, "tie_word_embeddings", False)
+                and module is self.adapter.lm_head(self.model))
