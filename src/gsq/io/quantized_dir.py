@@ -24,15 +24,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from gsq.errors import GSQError
+from gsq.io.shards import entries_of, file_entries, read_header, write_safetensors
 from gsq.quant.types import QuantizedWeight, QuantSpec, parse_bits
 
 FORMAT_NAME = "gsq-quantized"
@@ -94,10 +95,15 @@ def records_to_tensors(records: dict[str, QuantizedWeight]) -> dict[str, torch.T
     tensors = {}
     for name, qw in records.items():
         tensors[f"{name}.codes"] = qw.codes.to(torch.int8).contiguous().cpu()
-        # exact: the scales lie on the bf16 grid, or on a target's lattice (kept in fp32)
-        dtype = torch.float32 if qw.spec.target else torch.bfloat16
-        tensors[f"{name}.scale"] = qw.scale.to(dtype).contiguous().cpu()
+        tensors[f"{name}.scale"] = scale_tensor(qw)
     return tensors
+
+
+def scale_tensor(qw: QuantizedWeight) -> torch.Tensor:
+    """A record's scales as stored: exact, since they lie on the bf16 grid, or on a target's
+    lattice (kept in fp32)."""
+    dtype = torch.float32 if qw.spec.target else torch.bfloat16
+    return qw.scale.to(dtype).contiguous().cpu()
 
 
 def module_meta(qw: QuantizedWeight) -> dict:
@@ -127,20 +133,74 @@ def save_quantized(out: str | Path, model: nn.Module, tokenizer,
     return Path(out)
 
 
+class CodesFile:
+    """The records of a gsq directory, read module by module when asked for (all codes of a 70B
+    model, 70 GB of int8, are never held at once): specs from gsq_config.json, codes and scales
+    from gsq_codes.safetensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+            self.header = read_header(path / CODES_FILE)
+        except (OSError, ValueError, GSQError) as err:
+            raise GSQError(f"cannot read gsq quantized directory '{path}': {err}") from err
+        if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+            raise GSQError(
+                f"'{path}' is not a gsq quantized directory of format version {FORMAT_VERSION}")
+        self.path = path / CODES_FILE
+        self.specs = {name: QuantSpec(parse_bits(info["bits"]), int(info["group_size"]),
+                                      info.get("target"))
+                      for name, info in meta["modules"].items()}
+
+    def scale_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[f"{name}.scale"]["shape"])
+
+    def read(self, names: list[str]) -> dict[str, QuantizedWeight]:
+        """The records `names` (fp32 scales, int8 codes, on the host)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return {name: QuantizedWeight(f.get_tensor(f"{name}.codes"),
+                                          f.get_tensor(f"{name}.scale").float(), self.specs[name])
+                    for name in names}
+
+
 def load_records(path: str | Path) -> dict[str, QuantizedWeight]:
     """The codes and scales of every quantized module in a gsq directory."""
-    path = Path(path)
+    codes = CodesFile(path)
+    return codes.read(list(codes.specs))
+
+
+def rewrite_tensors(out: str | Path, changes: Iterable[tuple[str, dict[str, torch.Tensor]]],
+                    report: dict) -> None:
+    """Replace tensors of `out`'s safetensors files, atomically: `changes` yields (file name,
+    {tensor name: new value, same dtype and shape}), one file at a time so that only one file's
+    new tensors are held; the other tensors of a changed file are copied one at a time, every
+    other file is linked (or copied) unchanged, and report.json is written anew. The new
+    directory is built beside `out` and replaces it at the end (`atomic_output_dir`)."""
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        changed = set()
+        for name, new in changes:
+            entries = file_entries(out / name)
+            unknown = set(new) - {e.name for e in entries}
+            if unknown:
+                raise GSQError(f"'{out / name}' holds no tensor '{sorted(unknown)[0]}'")
+            write_safetensors(tmp / name, [entries_of({e.name: new[e.name]})[0]
+                                           if e.name in new else e for e in entries])
+            changed.add(name)
+        for path in out.iterdir():
+            if path.name not in changed and path.name != REPORT_FILE:
+                _link_or_copy(path, tmp / path.name)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
     try:
-        meta = json.loads((path / META_FILE).read_text())
-        tensors = load_file(str(path / CODES_FILE))
-    except (OSError, ValueError) as err:
-        raise GSQError(f"cannot read gsq quantized directory '{path}': {err}") from err
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise GSQError(
-            f"'{path}' is not a gsq quantized directory of format version {FORMAT_VERSION}")
-    records = {}
-    for name, info in meta["modules"].items():
-        spec = QuantSpec(parse_bits(info["bits"]), int(info["group_size"]), info.get("target"))
-        records[name] = QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"].float(),
-                                        spec)
-    return records
+        os.link(src, dst)  # the old directory is removed: the new one keeps the file
+    except OSError:
+        shutil.copy2(src, dst)

@@ -120,6 +120,10 @@ class SafetensorsSource(WeightSource):
     def _keys(self, select: Callable[[str], bool]) -> list[str]:
         return [k for k, target in self.target.items() if select(target)]
 
+    def files_of(self, prefix: str) -> set[str]:
+        """Names of the shard files holding the tensors of the model keys under `prefix`."""
+        return {self.files[k].name for k in self._keys(lambda k: k.startswith(prefix))}
+
     def load(self, model: nn.Module, prefix: str, device: torch.device) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
