@@ -12,7 +12,9 @@ llama.cpp GGUF file.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import resource
 import tempfile
 import time
@@ -29,11 +31,11 @@ from gsq.config import QuantizeConfig, resolve_device
 from gsq.errors import GSQError
 from gsq.eval import evaluate
 from gsq.io.partial import partial_path
-from gsq.io.quantized_dir import check_output_path
+from gsq.io.quantized_dir import REPORT_FILE, check_output_path
 from gsq.models.loading import load_any_model
 from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
-from gsq.models.streaming import open_model
+from gsq.models.streaming import StreamedModel, open_model
 from gsq.plan import compare_plan, plan_for
 from gsq.quant.types import QuantizedWeight
 from gsq.refine import RefineResult, refine_gguf
@@ -149,18 +151,43 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
 
 
 def finetune_output(out: Path, model_source: str, windows: dict[str, torch.Tensor],
-                    cfg: QuantizeConfig, device: torch.device, progress: bool = True) -> dict:
+                    cfg: QuantizeConfig, device: torch.device, progress: bool = True,
+                    streamed: bool = False, spill: bool = False,
+                    source: StreamedModel | None = None) -> dict:
     """The end-to-end scale stage (`gsq.calib.scale_finetune`) on a finished quantized directory.
 
-    In memory: the full-precision model (the teacher, run once and dropped) and then the quantized
-    model are loaded whole. When the stage keeps trained scales, `out` is rewritten atomically
-    (codes file, weights `scale * code` in the directory's dtype, report); else only its report
+    streamed: one block at a time (`gsq.calib.scale_stream`): the teacher from the source
+    (`source`: `model_source` opened by `open_model`, if not given) block by block, then the
+    quantized blocks from `out`; only the changed tensors are rewritten (`rewrite_tensors`). Its
+    activations go to memory-mapped files beside `out` with `spill`. Else in memory: the
+    full-precision model (the teacher, run once and dropped) and then the quantized model are
+    loaded whole, and `out` is saved anew. Either way `out` is replaced atomically when the stage
+    keeps trained scales (a kill leaves the directory the block loop wrote); else only its report
     gains the `e2e` entry. Records read back from disk do not carry a K-type target's scale
     lattice, so such tensors keep their scales (listed under `e2e.frozen`). Returns the report.
     """
-    import json
+    reset_peak_memory(device)
+    stage = _stage_streamed if streamed else _stage_in_memory
+    e2e, write = stage(Path(out), model_source, source, windows, cfg, device, progress, spill)
+    e2e.update({"streamed": streamed, **peak_memory(device)})
+    report = json.loads((Path(out) / REPORT_FILE).read_text())
+    if not dist.world().is_main:  # rank 0 rewrites `out` (`gsq.dist`)
+        dist.barrier()
+        return report
+    report["e2e"] = e2e
+    report["wall_seconds"] = report.get("wall_seconds", 0.0) + e2e["seconds"]
+    if e2e["best_epoch"] == 0:
+        write_report(out, report)
+    else:
+        write(report)
+    dist.barrier()
+    return report
 
-    from gsq.io.quantized_dir import META_FILE, REPORT_FILE, save_quantized
+
+def _stage_in_memory(out: Path, model_source: str, source, windows, cfg, device,
+                     progress: bool, spill: bool):
+    """(report entry, writer of `out` given the report): the stage with both models whole."""
+    from gsq.io.quantized_dir import META_FILE, save_quantized
 
     fp_model, _ = load_any_model(model_source)
     adapter = adapter_for(fp_model.config.model_type)
@@ -169,23 +196,57 @@ def finetune_output(out: Path, model_source: str, windows: dict[str, torch.Tenso
     model, tokenizer, records = load_quantized(out)
     records, e2e = scale_finetune(model, adapter, records, windows, teacher, cfg, device,
                                   progress)
-    if not dist.world().is_main:  # rank 0 rewrites `out` (`gsq.dist`)
-        dist.barrier()
-        return json.loads((Path(out) / REPORT_FILE).read_text())
-    report = json.loads((Path(out) / REPORT_FILE).read_text())
-    report["e2e"] = e2e
-    report["wall_seconds"] = report.get("wall_seconds", 0.0) + e2e["seconds"]
-    if e2e["best_epoch"] == 0:
-        (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        dist.barrier()
-        return report
-    config = json.loads((Path(out) / "config.json").read_text())
-    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
-    meta = json.loads((Path(out) / META_FILE).read_text())
-    save_quantized(out, model.to("cpu", dtype), tokenizer, records, meta["config"], report,
-                   overwrite=True)
-    dist.barrier()
-    return report
+
+    def write(report: dict) -> None:
+        config = json.loads((out / "config.json").read_text())
+        dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
+        meta = json.loads((out / META_FILE).read_text())
+        save_quantized(out, model.to("cpu", dtype), tokenizer, records, meta["config"], report,
+                       overwrite=True)
+    return e2e, write
+
+
+def _stage_streamed(out: Path, model_source: str, source: StreamedModel | None, windows, cfg,
+                    device, progress: bool, spill: bool):
+    """(report entry, writer of `out` given the report): the stage one block at a time."""
+    from gsq.calib.cache import ActivationStore
+    from gsq.calib.scale_finetune import kept_scale
+    from gsq.calib.scale_stream import host_multipliers, scale_finetune_streamed
+    from gsq.io.quantized_dir import rewrite_tensors
+    from gsq.models.quantized import open_quantized, rewritten_files
+    from gsq.models.streaming import StreamedBlocks
+
+    source = source or open_model(model_source)
+    adapter = adapter_for(source.model.config.model_type)
+    loader = open_quantized(out)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.e2e-", dir=out.resolve().parent) as tmp:
+        store = ActivationStore(tmp, on_disk=True) if spill else None
+        teacher = capture_teacher(source.model, adapter, windows, cfg, device,
+                                  StreamedBlocks(source.model, adapter, source.source), store)
+        codes = loader.codes
+        trainable = host_multipliers(loader.model, adapter, codes.specs,
+                                     {n: codes.scale_shape(n) for n in codes.specs},
+                                     cfg.e2e.norms)
+        e2e = scale_finetune_streamed(loader.model, adapter, loader, trainable, windows, teacher,
+                                      cfg, device, progress, store)
+        del teacher, store
+
+    def new_scales(records: dict) -> dict:
+        return {n: kept_scale(qw, trainable.scales[n]) for n, qw in records.items()
+                if n in trainable.scales}
+
+    def write(report: dict) -> None:
+        norms = {n: m.detach() for n, m in trainable.norms.items()}
+        rewrite_tensors(out, rewritten_files(loader, new_scales, norms), report)
+    return e2e, write
+
+
+def write_report(out: Path, report: dict) -> None:
+    """Replace `out`'s report.json atomically."""
+    path = Path(out) / REPORT_FILE
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
 
 
 def moe_report(cfg: QuantizeConfig, report: dict) -> dict:
@@ -245,7 +306,8 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
              out: str | Path | None = None, device: str | None = "cpu", progress: bool = True,
              overwrite: bool = False, resume: bool = False,
              export_formats: tuple[str, ...] = (), chat_template: bool = False,
-             max_host_memory: float | None = None) -> QuantizeResult:
+             max_host_memory: float | None = None,
+             e2e_streamed: str = "auto") -> QuantizeResult:
     """Quantize a model streamed from disk block by block and write the quantized directory to
     `out` (see `gsq.run`); without `out`, into a temporary directory whose model is loaded.
 
@@ -256,12 +318,20 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
     checked against the architecture before any work, as a GGUF `cfg.target` is.
     calib: a calibration spec (`calibration_tokens`); chat_template: render it as conversations
     in the tokenizer's chat template (instruct models). With `cfg.e2e.epochs`, the end-to-end
-    scale stage runs on the finished directory (`finetune_output`).
+    scale stage runs on the finished directory (`finetune_output`), streamed one block at a time
+    or on the whole model in memory: `e2e_streamed` "on", "off", or "auto" (streamed when the
+    whole model in fp32 would not fit in the host budget, or on a GPU in half of its free
+    memory; `gsq.plan.e2e_plan`).
 
     Under `torchrun --nproc-per-node N` the N processes quantize together, data parallel
     (`gsq.dist`: gloo with device "cpu", NCCL with "cuda", one GPU per rank); only rank 0
     writes `out`, which every rank's result then reads.
     """
+    from gsq.plan import E2E_MODES
+
+    if e2e_streamed not in E2E_MODES:
+        raise GSQError(f"e2e_streamed must be one of {', '.join(E2E_MODES)}; got "
+                       f"{e2e_streamed!r}")
     dev = dist.rank_device(resolve_device(device))
     with dist.launched(dev) as world:
         if world.size > 1 and out is None:
@@ -270,18 +340,19 @@ def quantize(model_source: str, cfg: QuantizeConfig, calib: str | None = None,
             raise GSQError("--resume is not supported with several processes yet; resume the "
                            "partial run with one process")
         return _quantize(model_source, cfg, calib, out, str(dev), progress and world.is_main,
-                         overwrite, resume, export_formats, chat_template, max_host_memory)
+                         overwrite, resume, export_formats, chat_template, max_host_memory,
+                         e2e_streamed)
 
 
 def _quantize(model_source: str, cfg: QuantizeConfig, calib: str | None, out: str | Path | None,
               device: str, progress: bool, overwrite: bool, resume: bool,
               export_formats: tuple[str, ...], chat_template: bool,
-              max_host_memory: float | None) -> QuantizeResult:
+              max_host_memory: float | None, e2e_streamed: str) -> QuantizeResult:
     if out is None:
         with tempfile.TemporaryDirectory(prefix="gsq-quantize-") as tmp:
             result = quantize(model_source, cfg, calib, Path(tmp) / "model", device, progress,
                               export_formats=export_formats, chat_template=chat_template,
-                              max_host_memory=max_host_memory)
+                              max_host_memory=max_host_memory, e2e_streamed=e2e_streamed)
             return QuantizeResult(result.model, result.tokenizer, result.records, result.report,
                                   None)
     t0 = time.perf_counter()
@@ -295,7 +366,7 @@ def _quantize(model_source: str, cfg: QuantizeConfig, calib: str | None, out: st
     check_module_specs(streamed.model, adapter, cfg)
     tokens = calibration_tokens(streamed.tokenizer, calib, chat_template)
     inputs = RunInputs(streamed, adapter, calibration_windows(tokens, cfg), cfg, dev)
-    predicted = plan_for(streamed.model, adapter, cfg, dev, max_host_memory)
+    predicted = plan_for(streamed.model, adapter, cfg, dev, max_host_memory, e2e_streamed)
     on_disk = predicted["activations_spilled"]
     if on_disk:
         log.info("activations (%.2f GiB at the peak) exceed the host budget of %.2f GiB: "
@@ -314,7 +385,9 @@ def _quantize(model_source: str, cfg: QuantizeConfig, calib: str | None, out: st
 
     report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report)
     if cfg.e2e.epochs:
-        report = finetune_output(out, model_source, inputs.windows, cfg, dev, progress)
+        report = finetune_output(out, model_source, inputs.windows, cfg, dev, progress,
+                                 predicted["e2e_streamed"], predicted["e2e_activations_spilled"],
+                                 streamed)
     return QuantizeResult(None, streamed.tokenizer, None, report, out)
 
 

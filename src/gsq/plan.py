@@ -11,8 +11,11 @@ to disk), the embeddings while block-0 inputs are captured, and the process's ow
 FLOPs of the forward/backward passes and GPTQ solves and the element-wise work of the samplers, at
 rates measured on this machine with two short kernels (or nominal rates for a GPU that is not
 here). The report of a run carries the plan beside what was measured (`report.json`, "plan").
-The end-to-end scale stage (`cfg.e2e`), which runs after the block loop on the whole model in
-memory, is counted as one fp32 copy of the model.
+The end-to-end scale stage (`cfg.e2e`) runs after the block loop, on the whole model in memory
+(one fp32 copy of the model) or streamed one block at a time (`gsq.calib.scale_stream`: one
+block, the LM head, the boundary activations of one step, the teacher's states and the
+multipliers with their Lion state; `e2e_plan`). `--e2e-streamed auto` streams it when the whole
+model would not fit: over the host budget, or on a GPU over half of its free memory.
 """
 
 from __future__ import annotations
@@ -256,6 +259,43 @@ def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
     return peak
 
 
+E2E_MODES = ("auto", "on", "off")
+
+
+def e2e_plan(s: Shapes, cfg: QuantizeConfig, mode: str, on_gpu: bool, budget: float,
+             baseline: int, free_device: float) -> dict:
+    """Memory of the end-to-end scale stage and whether it streams (`mode` auto|on|off).
+
+    Whole model: one fp32 copy on the host (the teacher, then the quantized model) and on the
+    device. Streamed, on the device: one block in fp32 with its codes and the autograd state of
+    one micro-batch, the LM head with one chunk of logits; on the host: the stored tensors being
+    read, the multipliers (4 fp32 values per group: m, gradient, Lion moment, best snapshot) and
+    the activations: the inputs of every block for one step, the teacher's states and the
+    block-0 inputs of the stage's windows, and a second copy of the val states (held-out pass).
+    The activations spill to memory-mapped files when they would push the host over `budget`."""
+    from gsq.calib.scale_finetune import _KL_CHUNK
+
+    whole = s.total_params * 4
+    streams = {"on": True, "off": False}.get(mode)
+    if streams is None:
+        streams = baseline + whole > budget or (on_gpu and whole > free_device / 2)
+    n_blocks = min(s.n_blocks, cfg.max_blocks or s.n_blocks)
+    e2e, tokens = cfg.e2e, cfg.seqlen
+    groups = s.quantized_weights() * n_blocks // cfg.group_size
+    rows = max((o for name in s.stage_names() for o, _ in s.linears(name)), default=s.hidden)
+    block = s.block_params * 4 + s.quantized_weights() * 4 + (
+        e2e.micro_batch_size * tokens * (s.hidden + rows) * 4 * 6)
+    head = s.vocab * s.hidden * 4 + min(_KL_CHUNK, e2e.micro_batch_size * tokens) * s.vocab * 16
+    windows = min(e2e.windows or cfg.nsamples, cfg.nsamples)
+    acts = (s.n_blocks + 1) * min(e2e.batch_size, windows) * tokens * s.hidden * 4 + (
+        2 * windows + 3 * cfg.val_samples) * tokens * s.hidden * 4
+    host = s.block_params * s.stored_bytes + groups * 4 * 4 + (0 if on_gpu else block + head)
+    spilled = streams and baseline + host + acts > budget
+    return {"streamed": streams, "whole": whole, "acts": acts, "spilled": spilled,
+            "host": (host if streams else whole), "device": (block + head if streams else whole),
+            "acts_in_ram": 0 if spilled else acts if streams else 0}
+
+
 def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -> float:
     """Seconds for one block: matmul FLOPs at the measured rate plus element-wise work."""
     matmul_rate, elem_rate = rates
@@ -291,12 +331,14 @@ def time_per_block(s: Shapes, cfg: QuantizeConfig, rates: tuple[float, float]) -
 
 
 def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: float | None,
-         baseline_bytes: int | None = None, rates: tuple[float, float] | None = None) -> dict:
+         baseline_bytes: int | None = None, rates: tuple[float, float] | None = None,
+         e2e_streamed: str = "auto") -> dict:
     """Predicted peak host and GPU memory (GiB), disk (GiB) and seconds per block of a run.
 
     Activations stay on a GPU when three copies fit in half of its free memory (as the run
     decides, `activations_fit_device`; without a GPU here: of 80 GiB), else on the host, where
-    they spill to disk when the host peak with them in RAM exceeds `host_budget_gib`."""
+    they spill to disk when the host peak with them in RAM exceeds `host_budget_gib`. The e2e
+    stage streams per `e2e_streamed` (`e2e_plan`)."""
     baseline = (current_rss_bytes() if baseline_bytes is None else baseline_bytes) \
         + RUN_OVERHEAD_BYTES
     budget = (default_host_budget_gib() if host_budget_gib is None else host_budget_gib) * GIB
@@ -308,19 +350,22 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
     embeddings = s.embed_params * (4 + s.stored_bytes)
     on_gpu = device.type == "cuda"
     acts_home = "host"
+    free = (torch.cuda.mem_get_info(device)[0] if on_gpu and torch.cuda.is_available()
+            else 80 * GIB)
     if on_gpu and cfg.offload_activations is not True:
         tokens = (cfg.nsamples + cfg.val_samples + cfg.gptq_samples) * cfg.seqlen
-        free = (torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else 80 * GIB)
         fits = activations_fit_device(tokens, s.hidden, free)
         acts_home = "device" if cfg.offload_activations is False or fits else "host"
-    # the end-to-end scale stage (`gsq.api.finetune_output`) runs on the whole model in memory:
-    # the fp32 teacher on the host, then the quantized model (on the device)
-    e2e = s.total_params * 4 if cfg.e2e.epochs else 0
-    device_peak = max(loading, compute, embeddings, e2e) if on_gpu else 0
-    host_weights = max(s.block_params * s.stored_bytes, e2e) if on_gpu else max(
-        loading, compute, embeddings, e2e)
+    # the end-to-end scale stage (`gsq.api.finetune_output`), whole or streamed
+    stage = e2e_plan(s, cfg, e2e_streamed, on_gpu, budget, baseline, free) \
+        if cfg.e2e.epochs else None
+    e2e_host, e2e_device = (stage["host"], stage["device"]) if stage else (0, 0)
+    device_peak = max(loading, compute, embeddings, e2e_device) if on_gpu else 0
+    host_weights = max(s.block_params * s.stored_bytes, e2e_host) if on_gpu else max(
+        loading, compute, embeddings, e2e_host)
     host_acts = acts["peak"] if acts_home == "host" else 0
-    peak_ram = baseline + host_weights + host_acts
+    peak_ram = max(baseline + host_weights + host_acts,
+                   baseline + e2e_host + (stage["acts_in_ram"] if stage else 0))
     spill = acts_home == "host" and peak_ram > budget
     rates = rates or measure_rates(device.type)
     seconds = time_per_block(s, cfg, rates)
@@ -331,9 +376,16 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
         "blocks": n_blocks, "blocks_total": s.n_blocks, "baseline_gib": baseline / GIB,
         "parameters": s.total_params, "block_parameters": s.block_params,
         "activations_home": acts_home, "activations_spilled": spill,
-        "e2e_stage_gib": e2e / GIB,  # 0 when the stage is off
+        # the e2e stage (0 / None when it is off): host memory of its weights and state, the
+        # whole model's fp32 size, whether it streams, its activations and where they live
+        "e2e_stage_gib": e2e_host / GIB,
+        "e2e_whole_model_gib": stage["whole"] / GIB if stage else 0,
+        "e2e_streamed": stage["streamed"] if stage else None,
+        "e2e_activation_gib": stage["acts"] / GIB if stage and stage["streamed"] else 0,
+        "e2e_activations_spilled": bool(stage and stage["spilled"]),
         "activation_gib": acts["peak"] / GIB,
-        "peak_host_gib": (baseline + host_weights + (0 if spill else host_acts)) / GIB,
+        "peak_host_gib": max(baseline + host_weights + (0 if spill else host_acts),
+                             baseline + e2e_host + (stage["acts_in_ram"] if stage else 0)) / GIB,
         "peak_host_gib_activations_in_ram": peak_ram / GIB,
         "host_budget_gib": budget / GIB,
         "peak_gpu_gib": (device_peak + (acts["peak"] if acts_home == "device" else 0)) / GIB
@@ -346,9 +398,11 @@ def plan(s: Shapes, cfg: QuantizeConfig, device: torch.device, host_budget_gib: 
 
 
 def plan_for(model: nn.Module, adapter: ModelAdapter, cfg: QuantizeConfig,
-             device: torch.device, host_budget_gib: float | None = None) -> dict:
+             device: torch.device, host_budget_gib: float | None = None,
+             e2e_streamed: str = "auto") -> dict:
     """`plan` of a model skeleton (or a loaded model)."""
-    return plan(model_shapes(model, adapter, cfg), cfg, device, host_budget_gib)
+    return plan(model_shapes(model, adapter, cfg), cfg, device, host_budget_gib,
+                e2e_streamed=e2e_streamed)
 
 
 def compare_plan(predicted: dict, report: dict, partial: Path) -> dict:
@@ -385,7 +439,7 @@ def source_config(model_source: str) -> tuple[str, object]:
 
 
 def plan_source(model_source: str, cfg: QuantizeConfig, device: str = "cpu",
-                host_budget_gib: float | None = None) -> dict:
+                host_budget_gib: float | None = None, e2e_streamed: str = "auto") -> dict:
     """`gsq plan`: the plan of quantizing `model_source` with `cfg` on `device`."""
     from gsq.models.registry import adapter_for
     from gsq.models.streaming import skeleton
@@ -394,7 +448,8 @@ def plan_source(model_source: str, cfg: QuantizeConfig, device: str = "cpu",
     adapter = adapter_for(model_type)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = plan_for(skeleton(config), adapter, cfg, torch.device(device), host_budget_gib)
+    result = plan_for(skeleton(config), adapter, cfg, torch.device(device), host_budget_gib,
+                      e2e_streamed)
     return {"model": model_source, "method": cfg.method, "device": device, **result}
 
 
@@ -410,11 +465,22 @@ def format_plan(p: dict) -> str:
         f"{p['blocks']} blocks",
         f"memory: peak host {p['peak_host_gib']:.2f} GiB (budget "
         f"{p['host_budget_gib']:.2f}){gpu}; activations {p['activation_gib']:.2f} GiB in {where}"
-        + (f"; the e2e scale stage holds the whole model ({p['e2e_stage_gib']:.2f} GiB fp32)"
-           if p["e2e_stage_gib"] else ""),
+        + _e2e_line(p),
         f"disk: output {p['disk_output_gib']:.2f} GiB, activations "
         f"{p['disk_activations_gib']:.2f} GiB",
         f"time: {p['seconds_per_block']:.1f} s per block, {p['seconds_total'] / 3600:.2f} h "
         f"in all (rates: {p['rates']['matmul_flops'] / 1e9:.0f} GFLOP/s matmul, "
         f"{p['rates']['elementwise_ops'] / 1e9:.2f} G element-ops/s)",
     ])
+
+
+def _e2e_line(p: dict) -> str:
+    """The e2e stage's part of the memory line."""
+    if p["e2e_streamed"] is None:
+        return ""
+    if not p["e2e_streamed"]:
+        return f"; the e2e scale stage holds the whole model ({p['e2e_stage_gib']:.2f} GiB fp32)"
+    where = "memory-mapped files" if p["e2e_activations_spilled"] else "host RAM"
+    return (f"; the e2e scale stage streams one block at a time ({p['e2e_stage_gib']:.2f} GiB "
+            f"on the host, activations {p['e2e_activation_gib']:.2f} GiB in {where}; the whole "
+            f"model would take {p['e2e_whole_model_gib']:.2f} GiB)")

@@ -92,6 +92,11 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="e2e stage Lion lr, relative: each step moves a scale by lr x its value")
     p.add_argument("--e2e-norms", action="store_true",
                    help="e2e stage: train the RMSNorm weights too")
+    p.add_argument("--e2e-streamed", choices=("auto", "on", "off"), default="auto",
+                   help="e2e stage: stream the model one block at a time (on; same results, "
+                        "memory of one block plus one step's activations) or hold it whole in "
+                        "memory (off); auto streams when the whole model in fp32 would exceed "
+                        "--max-host-memory (or, on a GPU, half of its free memory)")
     p.add_argument("--scope", choices=("all", "mlp-only"), default="all")
     p.add_argument("--init", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--act-order", action="store_true",
@@ -259,7 +264,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                       progress=not args.quiet, overwrite=args.overwrite,
                       export_formats=tuple(args.export_format),
                       chat_template=args.chat_template, resume=args.resume,
-                      max_host_memory=args.max_host_memory)
+                      max_host_memory=args.max_host_memory, e2e_streamed=args.e2e_streamed)
     if not launch_world().is_main:  # under torchrun, rank 0 speaks for the run
         return 0
     r = result.report
@@ -290,7 +295,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     result = plan_source(args.model, cfg, device=args.device,
-                         host_budget_gib=args.max_host_memory)
+                         host_budget_gib=args.max_host_memory, e2e_streamed=args.e2e_streamed)
     print(format_plan(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

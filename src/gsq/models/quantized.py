@@ -132,7 +132,7 @@ def rewritten_files(loader: QuantizedBlocks, new_scales: NewScales,
         scales.update({f"{n}.scale": scale_tensor(qw) for n, qw in changed.items()})
         with torch.no_grad():
             for name, m in norm_multipliers.items():
-                if name.startswith(unit.prefix):
+                if (name + ".").startswith(unit.prefix):
                     weight = model.get_submodule(name).weight
                     weight.copy_(weight * m)
         for key, value in source.saved(model, unit.prefix).items():
