@@ -183,3 +183,23 @@ def test_bpw_plan_counts_the_sensitivity_pass_and_the_widest_width(config_only):
     assert bpw["seconds_per_block"] > plain["seconds_per_block"]
     assert bpw["peak_host_gib"] == pytest.approx(four["peak_host_gib"], rel=1e-3)  # RSS moves
     assert bpw["peak_host_gib"] > plain["peak_host_gib"]
+
+
+def test_e2e_stage_streams_when_the_whole_model_does_not_fit(config_only):
+    """auto: whole model in memory under a roomy budget, streamed under a tight one (one block,
+    one step's activations, the multipliers: far below the model's fp32 size); on/off force it."""
+    from gsq.plan import format_plan
+
+    cfg = _cfg(nsamples=8, seqlen=64)
+    roomy = plan_source(str(config_only), cfg, host_budget_gib=512)
+    tight = plan_source(str(config_only), cfg, host_budget_gib=3)
+    assert roomy["e2e_streamed"] is False and tight["e2e_streamed"] is True
+    assert roomy["e2e_stage_gib"] == pytest.approx(roomy["e2e_whole_model_gib"])
+    assert tight["e2e_stage_gib"] < tight["e2e_whole_model_gib"] / 2
+    assert tight["peak_host_gib"] < roomy["peak_host_gib"]
+    assert plan_source(str(config_only), cfg, host_budget_gib=512,
+                       e2e_streamed="on")["e2e_streamed"] is True
+    assert plan_source(str(config_only), cfg, host_budget_gib=3,
+                       e2e_streamed="off")["e2e_streamed"] is False
+    assert "streams one block at a time" in format_plan(tight)
+    assert plan_source(str(config_only), _cfg(method="gptq"))["e2e_streamed"] is None

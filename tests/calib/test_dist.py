@@ -15,6 +15,7 @@ The launches run `dist_worker.py` under `python -m torch.distributed.run` (torch
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,21 @@ def test_a_failing_rank_stops_the_run_and_one_process_resumes_it(tmp_path, tiny_
     assert not out.exists()
     assert main([*args, "--resume"]) == 0
     _same_files(one, out)
+
+
+def test_streamed_e2e_stage_under_torchrun_writes_what_one_process_writes(tmp_path,
+                                                                         tiny_llama_dir):
+    """The e2e stage streamed one block at a time (`--e2e-streamed on`): each rank streams every
+    block and runs its micro-batches, gradients summed; rank 0 rewrites --out."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the cat sat on the mat and looked at the door"] * 60))
+    args = ["-q", "quantize", str(tiny_llama_dir), "--calib", str(calib), *BUDGET, "--method",
+            "rtn", "--e2e-epochs", "1", "--e2e-lr", "0.01", "--e2e-streamed", "on"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun(2, "cli", *args, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    _same_files(tmp_path / "one", tmp_path / "two")
+    reports = [json.loads((tmp_path / d / "report.json").read_text())["e2e"]
+               for d in ("one", "two")]
+    assert all(r["streamed"] and r["best_epoch"] == 1 for r in reports)
+    assert reports[0]["history"][0]["val_kl"] == reports[1]["history"][0]["val_kl"]

@@ -176,3 +176,29 @@ def test_cli_streams_the_stage_when_asked(tiny_llama_dir, calib, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["e2e"]["streamed"] is True
     assert report["plan"]["predicted"]["e2e_streamed"] is True
+
+
+def test_an_interrupted_rewrite_leaves_the_block_loop_output(tiny_llama_dir, calib, tmp_path,
+                                                             monkeypatch):
+    """A kill while the trained directory is written: `--out` still holds the block loop's
+    complete output, byte for byte (the new one is built beside it and renamed at the end)."""
+    import gsq.io.quantized_dir as quantized_dir
+    from gsq.api import finetune_output
+
+    cfg = _cfg()
+    windows = _blocks_only(tiny_llama_dir, calib, tmp_path / "q", cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()}
+    write, calls = quantized_dir.write_safetensors, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(quantized_dir, "write_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_output(tmp_path / "q", str(tiny_llama_dir), windows, cfg, CPU, progress=False,
+                        streamed=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
