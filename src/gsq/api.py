@@ -170,10 +170,10 @@ def finetune_output(out: Path, model_source: str, windows: dict[str, torch.Tenso
     stage = _stage_streamed if streamed else _stage_in_memory
     e2e, write = stage(Path(out), model_source, source, windows, cfg, device, progress, spill)
     e2e.update({"streamed": streamed, **peak_memory(device)})
-    report = json.loads((Path(out) / REPORT_FILE).read_text())
     if not dist.world().is_main:  # rank 0 rewrites `out` (`gsq.dist`)
         dist.barrier()
-        return report
+        return json.loads((Path(out) / REPORT_FILE).read_text())
+    report = json.loads((Path(out) / REPORT_FILE).read_text())
     report["e2e"] = e2e
     report["wall_seconds"] = report.get("wall_seconds", 0.0) + e2e["seconds"]
     if e2e["best_epoch"] == 0:
