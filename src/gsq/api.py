@@ -213,7 +213,7 @@ def _stage_streamed(out: Path, model_source: str, source: StreamedModel | None, 
     from gsq.calib.scale_finetune import kept_scale
     from gsq.calib.scale_stream import host_multipliers, scale_finetune_streamed
     from gsq.io.quantized_dir import rewrite_tensors
-    from gsq.models.quantized import open_quantized, rewritten_files
+    from gsq.models.quantized_stream import open_quantized, rewritten_files
     from gsq.models.streaming import StreamedBlocks
 
     source = source or open_model(model_source)

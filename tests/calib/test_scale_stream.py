@@ -15,7 +15,8 @@ from gsq.calib.scale_finetune import capture_teacher, kept_scale, scale_finetune
 from gsq.calib.scale_stream import host_multipliers, scale_finetune_streamed
 from gsq.config import E2EConfig, QuantizeConfig
 from gsq.data.calibration import load_calibration_text
-from gsq.models.quantized import QuantizedBlocks, load_quantized, open_quantized
+from gsq.models.quantized import load_quantized
+from gsq.models.quantized_stream import QuantizedBlocks, open_quantized
 from gsq.models.registry import adapter_for
 from gsq.models.streaming import StreamedBlocks, open_model
 from gsq.quant.trainer import TrainConfig

@@ -67,7 +67,7 @@ class StreamedStudent:
     """The quantized model streamed block by block, as the stage's loop sees it (`Student`).
 
     loader: loads block i into `model` on the device with its linears `scale * codes` and its
-    records in `loader.records` (`gsq.models.quantized.QuantizedBlocks`); trainable: the host
+    records in `loader.records` (`gsq.models.quantized_stream.QuantizedBlocks`); trainable: the host
     multipliers; inputs: block-0 inputs {train, val} `(N, T, hidden)`; store: host tensors."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, loader: BlockLoader,
