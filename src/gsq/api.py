@@ -11,11 +11,9 @@ llama.cpp GGUF file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from gsq.errors import GSQError
 from gsq.eval import evaluate
 from gsq.io.partial import partial_path
 from gsq.io.quantized_dir import REPORT_FILE, check_output_path
+from gsq.memory import peak_memory, rank_entries, reset_peak_memory
 from gsq.models.loading import load_any_model
 from gsq.models.quantized import load_quantized
 from gsq.models.registry import GGUF, adapter_for, check_architecture
@@ -88,32 +87,14 @@ def bits_per_parameter(records: dict[str, QuantizedWeight]) -> float:
     return bits / numel if numel else float("nan")
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Restart peak-memory tracking (host: Linux's VmHWM via /proc/self/clear_refs; CUDA stats)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak host RSS (GiB) of this process since the last reset, and peak CUDA allocation."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-    except (OSError, StopIteration):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_host_rss_gib": kib / 2**20}
-    if device.type == "cuda":
-        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
 def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
                    calib_tokens, device: torch.device,
                    progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize an in-memory model in place; returns (records, report with totals).
-    Under torchrun, data parallel over its processes (`gsq.dist`), each returning the same."""
+    Under torchrun, data parallel over its processes (`gsq.dist`), each returning the same
+    records; the activations are computed in shares but every process keeps them all (no shared
+    folder here: `quantize` with an output directory shares them). `report["ranks"]`: each
+    process's peak memory and windows propagated (`gsq.memory.rank_entries`)."""
     t0 = time.perf_counter()
     device = dist.rank_device(device)
     progress = progress and dist.launch_world().is_main
@@ -133,6 +114,8 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
         if teacher is not None:
             records, report["e2e"] = scale_finetune(model, adapter, records, windows, teacher,
                                                     cfg, device, progress)
+        # every process's peak memory and share of the propagated windows (a collective)
+        ranks = rank_entries(device, windows_propagated=report.pop("windows_propagated"))
     model.to("cpu")
     report.update({
         "method": cfg.method,
@@ -146,6 +129,7 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
         **peak_memory(device),
         **target_report(cfg, records),
         **moe_report(cfg, report),
+        "ranks": ranks,
     })
     return records, report
 
@@ -376,7 +360,8 @@ def _quantize(model_source: str, cfg: QuantizeConfig, calib: str | None, out: st
     def complete_report(report: dict, modules: dict) -> dict:
         report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
                        **modules_report(cfg, modules), "device": str(dev),
-                       "activations": "disk" if on_disk else "memory",
+                       "activations": ("shared" if dist.world().size > 1 else
+                                       "disk" if on_disk else "memory"),
                        "model": model_source, "calib": calib or "mix",
                        "chat_template": chat_template, "wall_seconds": time.perf_counter() - t0,
                        **peak_memory(dev), **moe_report(cfg, report)})

@@ -14,7 +14,15 @@ What ranks share (the block loop, `gsq.calib.sequential`, `gsq.quant.trainer`):
     (`all_reduce_sum`), so every rank holds the same totals and takes the same steps;
   * values every rank computes alike (held-out losses) are taken from rank 0 (`from_rank0`), so
     that decisions on them (keep-best) are the same on every rank even where a device's kernels
-    are not bitwise reproducible.
+    are not bitwise reproducible;
+  * activations pushed through a block (`gsq.calib.objectives.map_batches` with `shard`): batch
+    i of the calibration windows is computed by rank i mod N only, and its rows reach the other
+    ranks through a node-wide memory-mapped store (`gsq.calib.cache.ActivationStore`, `shared`:
+    each rank writes its rows into the same files, then a `barrier`) or, without one, are sent
+    from their rank (`broadcast_from`); either way every rank holds the bits one process
+    computes. The shared store is one folder on one node: multi-node launches are not supported;
+  * small per-rank facts (peak memory, rows computed) reach every rank with `all_gather_object`,
+    for rank 0's report.
 """
 
 from __future__ import annotations
@@ -139,3 +147,35 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if _active() and tdist.get_world_size() > 1:
         tdist.barrier()
+
+
+def broadcast_from(tensor: Tensor, src: int) -> None:
+    """Overwrite `tensor` (any device) on every rank with rank `src`'s values, in place: the same
+    bits on every rank."""
+    if not _active() or tdist.get_world_size() == 1:
+        return
+    comm = _comm_device()
+    direct = tensor.device == comm and tensor.is_contiguous()
+    buf = tensor if direct else tensor.contiguous().to(comm)  # a copy on the backend's device
+    tdist.broadcast(buf, src=src)
+    if buf is not tensor:
+        tensor.copy_(buf)
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` (picklable) on every rank."""
+    if not _active() or tdist.get_world_size() == 1:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(value: object) -> list:
+    """Every rank's `value` (picklable, small), in rank order, on every rank; [value] in one
+    process."""
+    if not _active() or tdist.get_world_size() == 1:
+        return [value]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, value)
+    return out

@@ -10,6 +10,12 @@ Resuming is exact: every random draw derives from (seed, block, stage, ...), so 
 on the config, its weights and its inputs, and those inputs are persisted bit for bit. A resumed run
 writes the same bytes as an uninterrupted one on the same device type and software versions, which
 the fingerprint checks together with the config, the model files and the calibration windows.
+
+Under several processes (`gsq.dist`; one node) the activations live in one shared store, memory-
+mapped files in the partial directory's activation folder that every rank maps
+(`ActivationStore(shared=True)`): each rank computes and writes its share of the rows, so the node
+holds one copy and not one per process. The report's `ranks` lists every process's peak memory,
+windows propagated and activation bytes (`_rank_facts`); one entry for a single process.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from gsq.calib.sensitivity import allocate_widths
 from gsq.calib.sequential import Buffers, ResumePoint, run_quantization
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
-from gsq.io.partial import PartialRun
+from gsq.io.partial import PartialRun, activation_folder, partial_path
 from gsq.io.quantized_dir import module_meta, records_to_tensors
+from gsq.memory import rank_entries
 from gsq.models.base import ModelAdapter
 from gsq.models.streaming import StreamedBlocks, StreamedModel
 from gsq.quant.types import QuantSpec
@@ -84,8 +91,9 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
     blocks_total = len(inputs.adapter.blocks(inputs.streamed.model))
     partial = PartialRun.open(out, run_fingerprint(inputs), blocks_total, resume, overwrite)
     try:
-        report = _quantize_into(partial, inputs, progress, activations_on_disk)
+        report, store = _quantize_into(partial, inputs, progress, activations_on_disk)
         _write_rest(partial, inputs)
+        report["ranks"] = rank_entries(inputs.device, **_rank_facts(report, store))
         report = complete_report(report, partial.state["modules"])
         dist.barrier()  # every rank's block loop went through
         partial.finish(out, inputs.cfg.to_dict(), report, side_files_writer(inputs.streamed),
@@ -104,32 +112,46 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
 
 def _follow(inputs: RunInputs, out: Path, progress: bool, activations_on_disk: bool) -> dict:
     """A rank other than 0: the block loop with the same collectives as rank 0, writing nothing
-    (spilled activations go to a temporary folder); then the report rank 0 wrote to OUT."""
+    but its rows of the shared activation store rank 0 prepared in OUT.partial; then the report
+    rank 0 wrote to OUT."""
     import json
-    import tempfile
 
     from gsq.io.quantized_dir import REPORT_FILE
 
     model, adapter = inputs.streamed.model, inputs.adapter
-    with tempfile.TemporaryDirectory(prefix="gsq-rank-") as tmp:
-        store = ActivationStore(tmp, on_disk=activations_on_disk)
-        loader = StreamedBlocks(model, adapter, inputs.streamed.source)
-        run_quantization(model, adapter, inputs.windows, inputs.cfg, inputs.device, progress,
-                         loader=loader, sink=lambda *block: None, store=store)
+    dist.barrier()  # rank 0 opened the partial directory and emptied the shared store's folder
+    store = ActivationStore(activation_folder(partial_path(out)), shared=True)
+    loader = StreamedBlocks(model, adapter, inputs.streamed.source)
+    _, report = run_quantization(model, adapter, inputs.windows, inputs.cfg, inputs.device,
+                                 progress, loader=loader, sink=lambda *block: None, store=store)
+    rank_entries(inputs.device, **_rank_facts(report, store))  # to rank 0's report
+    del store, report
     dist.barrier()  # rank 0 completes OUT once every rank is here
     dist.barrier()
     return json.loads((out / REPORT_FILE).read_text())
 
 
+def _rank_facts(report: dict, store: ActivationStore) -> dict:
+    """This process's share of the work and of the activations, for `rank_entries`: windows it
+    pushed through finished blocks, GiB of activations it allocated (over the run) in its own RAM
+    and in files (shared ones: the same files on every rank, one copy on the node)."""
+    return {"windows_propagated": report.pop("windows_propagated", 0),
+            "activations_private_gib": store.ram_bytes / 2**30,
+            "activations_file_gib": store.file_bytes / 2**30}
+
+
 def _quantize_into(partial: PartialRun, inputs: RunInputs, progress: bool,
-                   activations_on_disk: bool) -> dict:
+                   activations_on_disk: bool) -> tuple[dict, ActivationStore]:
     """The block loop from block `partial.done` on, each finished block handed to the partial
-    directory. Returns the run report (block entries of earlier sessions included)."""
+    directory. Returns the run report (block entries of earlier sessions included) and the
+    activation store (shared with the other ranks under several processes)."""
     model, adapter, cfg = inputs.streamed.model, inputs.adapter, inputs.cfg
     blocks_total = len(adapter.blocks(model))
     n_blocks = min(blocks_total, cfg.max_blocks or blocks_total)
-    store = ActivationStore(partial.activation_folder, on_disk=activations_on_disk)
+    store = ActivationStore(partial.activation_folder, on_disk=activations_on_disk,
+                            shared=dist.world().size > 1)
     store.clear_spill()
+    dist.barrier()  # the shared store's folder is ready for the other ranks (`_follow`)
     loader = StreamedBlocks(model, adapter, inputs.streamed.source)
     earlier = list(partial.state["blocks"])
     report = {"blocks_quantized": n_blocks, "blocks_total": blocks_total, "quantize_seconds": 0.0}
@@ -155,7 +177,7 @@ def _quantize_into(partial: PartialRun, inputs: RunInputs, progress: bool,
         if allocation is not None:
             report["allocation"] = allocation
     report["blocks"] = earlier + report.get("blocks", [])
-    return report
+    return report, store
 
 
 class _BlockWriter:

@@ -65,3 +65,24 @@ def test_clear_spill_removes_leftovers(tmp_path):
     (tmp_path / "spill" / "old.bin").write_bytes(b"x")
     ActivationStore(tmp_path, on_disk=False).clear_spill()
     assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_shared_stores_map_the_same_files_in_allocation_order(tmp_path):
+    """Two shared stores on one folder (two ranks): the n-th tensor of each is the same file, rows
+    written through either are seen by both, a late allocation keeps rows written already, and
+    the bytes count as files, not private RAM."""
+    rank0, rank1 = (ActivationStore(tmp_path, shared=True) for _ in range(2))
+    a0 = rank0.empty((4, 3))
+    a0[:2] = 1.0  # rank 0's rows, written before rank 1 allocates
+    a1 = rank1.empty((4, 3))
+    a1[2:] = 2.0
+    assert torch.equal(a0, a1) and float(a0.sum()) == 6 + 12
+    b0, b1 = rank0.empty((2, 2)), rank1.empty((2, 2))
+    b0.fill_(3.0)
+    assert torch.equal(b1, b0)
+    assert len(list((tmp_path / "spill").iterdir())) == 2
+    assert rank0.ram_bytes == rank1.ram_bytes == 0
+    assert rank0.file_bytes == rank1.file_bytes == (12 + 4) * 4
+    del a0, a1, b0, b1
+    gc.collect()
+    assert list((tmp_path / "spill").iterdir()) == []

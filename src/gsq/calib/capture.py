@@ -47,13 +47,14 @@ def _run_to_first_block(model: nn.Module, first: nn.Module, ids: Tensor) -> tupl
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, ids: Tensor, device: torch.device,
                          batch_size: int = 8, home: torch.device | None = None,
-                         store: ActivationStore | None = None) -> Tensor:
+                         store: ActivationStore | None = None, shard: bool = False) -> Tensor:
     """Hidden states entering block 0 for token ids `(N, T)` -> `(N, T, hidden)` on `home`
-    (default `device`), gathered batch by batch into a tensor of `store` on the host."""
+    (default `device`), gathered batch by batch into a tensor of `store` on the host (`shard`:
+    each process computes its share of the batches, `map_batches`)."""
     first = adapter.blocks(model)[0]
     home = device if home is None else home
     return map_batches(lambda c: _run_to_first_block(model, first, c)[0], ids.to(home),
-                       batch_size, device, store)
+                       batch_size, device, store, shard)
 
 
 @torch.no_grad()

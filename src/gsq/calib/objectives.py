@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gsq import dist
 from gsq.calib.cache import ActivationStore
 
 
@@ -81,12 +82,18 @@ class ActivationObjective:
 
 @torch.no_grad()
 def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int,
-                device: torch.device | None = None, store: ActivationStore | None = None) -> Tensor:
+                device: torch.device | None = None, store: ActivationStore | None = None,
+                shard: bool = False) -> Tensor:
     """Apply `fn` to `x` `(N, ...)` in batches along dim 0, each batch moved to `device` (default:
     x's device) for the call; results are gathered back on x's device (e.g. host-offloaded buffers),
     into a tensor from `store` when x is on the host and a store is given (RAM or a spill file).
+
+    shard: under several processes (`gsq.dist`), batch c is computed by rank c mod N only and
+    shared (`_map_sharded`); every rank returns the tensor one process computes, bit for bit.
     """
     device = x.device if device is None else device
+    if shard and dist.world().size > 1:
+        return _map_sharded(fn, x, batch_size, device, store)
     if store is None or x.device.type != "cpu":
         return torch.cat([fn(chunk.to(device)).to(x.device) for chunk in x.split(batch_size)])
     out, start = None, 0
@@ -96,4 +103,33 @@ def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int,
             out = store.empty((len(x), *y.shape[1:]), y.dtype)
         out[start:start + len(y)] = y
         start += len(y)
+    return out
+
+
+def _map_sharded(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int,
+                 device: torch.device, store: ActivationStore | None) -> Tensor:
+    """`map_batches` with batch c computed by rank c mod N (the rule of the Hessian chunks).
+
+    Each batch runs the same code on the same rows as in one process, so its bits do not depend
+    on which rank computed it. The rows reach every rank through the shared files of `store`
+    (each rank writes its batches, then a barrier) or, without a shared store, are sent from the
+    batch's rank to the others. Rank 0 computes batch 0 and tells the others the output's row
+    shape and dtype, so every rank allocates the same tensor (the same shared file)."""
+    world = dist.world()
+    chunks = x.split(batch_size)
+    owned = [c for c in range(len(chunks)) if world.owns(c)]
+    first = fn(chunks[owned[0]].to(device)).to(x.device) if owned else None
+    row, dtype = dist.broadcast_object((tuple(first.shape[1:]), first.dtype)
+                                       if world.is_main else None)
+    on_host = store is not None and x.device.type == "cpu"
+    out = (store.empty((len(x), *row), dtype) if on_host else
+           torch.empty((len(x), *row), dtype=dtype, device=x.device))
+    for c in owned:
+        y = first if c == owned[0] else fn(chunks[c].to(device)).to(x.device)
+        out[c * batch_size:c * batch_size + len(y)] = y
+    if on_host and store.shared:
+        dist.barrier()  # every rank's rows are in the files
+        return out
+    for c in range(len(chunks)):  # (b, ...) rows of batch c, from the rank that computed them
+        dist.broadcast_from(out[c * batch_size:(c + 1) * batch_size], c % world.size)
     return out

@@ -8,6 +8,12 @@ For each block, with inputs from the already-quantized prefix:
   3. push the train, val and GPTQ buffers through the hard block to feed the next one.
 Only the current block and its training state live on the device; the model skeleton stays put.
 
+Under several processes (`gsq.dist`) the activations pushed through a block (FP targets, the MLP
+stage's inputs, the next block's inputs; block-0 inputs in `prepare_run`) are computed batch by
+batch, batch c by rank c mod N, and shared (`map_batches(shard=True)`): through the node's
+shared activation store when the buffers are on the host and there is one, else sent between
+ranks. Every rank then holds the same rows as one process would.
+
 MoE blocks (`adapter.experts(block)` non-empty): the MLP stage holds every expert's gate/up/down
 linears, each with its own GPTQ Hessian on the tokens the full-precision router sends to its
 expert (`adapter.hessian_collector`); same-shape experts are solved in one batched GPTQ. GSQ
@@ -53,12 +59,14 @@ QK_EVALS = 10  # held-out checks (best-step candidates) over a Q/K stage
 @dataclass
 class Buffers:
     """Hidden states entering the current block, `(N, T, hidden)` per split; `store` allocates
-    the host tensors derived from them (RAM or spill files, `gsq.calib.cache`)."""
+    the host tensors derived from them (RAM or spill files, `gsq.calib.cache`); `propagated`:
+    rows (windows) this process pushed through the previous block to make them."""
 
     train: Tensor
     val: Tensor
     gptq: Tensor
     store: ActivationStore | None = field(default=None, compare=False, repr=False)
+    propagated: int = field(default=0, compare=False)
 
     def items(self):
         return {"train": self.train, "val": self.val, "gptq": self.gptq}.items()
@@ -299,9 +307,10 @@ def _train_activation(bc, adapter, cfg, stage, init, bufs, seed, progress,
 
         def fn(block, x):
             return adapter.mlp_residual(block, x)
-        train = (map_batches(attn, bufs.train, micro, bc.device, bufs.store),
+        train = (map_batches(attn, bufs.train, micro, bc.device, bufs.store, shard=True),
                  bc.targets["block_train"])
-        val = (map_batches(attn, bufs.val, micro, bc.device, bufs.store), bc.targets["block_val"])
+        val = (map_batches(attn, bufs.val, micro, bc.device, bufs.store, shard=True),
+               bc.targets["block_val"])
     kept = {}
     if routing is not None:
         routing.count(bc, adapter, "train", train[0].split(micro))
@@ -375,20 +384,26 @@ def _cache_fp_targets(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, mi
 
     splits = {"val": bufs.val, "train": bufs.train} if need_train else {"val": bufs.val}
     for split, x in splits.items():
-        attn_out = map_batches(attn, x, micro, bc.device, bufs.store)
+        attn_out = map_batches(attn, x, micro, bc.device, bufs.store, shard=True)
         bc.targets[f"attn_{split}"] = attn_out
         bc.targets[f"block_{split}"] = map_batches(lambda h: adapter.mlp_residual(bc.block, h),
-                                                   attn_out, micro, bc.device, bufs.store)
+                                                   attn_out, micro, bc.device, bufs.store,
+                                                   shard=True)
 
 
 @torch.no_grad()
 def _propagate(bc: BlockContext, adapter: ModelAdapter, bufs: Buffers, micro: int) -> Buffers:
-    """Push every buffer through the (hard) block: the next block's inputs."""
-    def run(x):
+    """Push every buffer through the (hard) block: the next block's inputs, each process
+    computing its share of the batches (`map_batches(shard=True)`), counted in `propagated`."""
+    rows = 0
+
+    def run(x):  # x: (b, T, hidden), one batch of this process's share
+        nonlocal rows
+        rows += len(x)
         return adapter.block_forward(bc.block, x, bc.ctx)
 
-    return Buffers(*(map_batches(run, x, micro, bc.device, bufs.store) for _, x in bufs.items()),
-                   store=bufs.store)
+    nxt = [map_batches(run, x, micro, bc.device, bufs.store, shard=True) for _, x in bufs.items()]
+    return Buffers(*nxt, store=bufs.store, propagated=rows)
 
 
 def quantize_block(block: nn.Module, index: int, adapter: ModelAdapter, cfg: QuantizeConfig,
@@ -518,7 +533,7 @@ def prepare_run(model: nn.Module, adapter: ModelAdapter, windows: dict[str, Tens
         bufs = Buffers(*(x.to(home) for _, x in resume.bufs.items()), store=store)
     else:
         bufs = Buffers(*(capture_block_inputs(model, adapter, windows[s], device,
-                                              cfg.train.micro_batch_size, home, store)
+                                              cfg.train.micro_batch_size, home, store, shard=True)
                          for s in ("train", "val", "gptq")), store=store)
     loader.release_embeddings(model, adapter)
     return RunStart(blocks, n_blocks, ctx, home, bufs, resume.start if resume else 0)
@@ -539,7 +554,8 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     finished block (then its records are not kept here); store: host activation tensors;
     resume: continue at `resume.start` from its inputs.
     Returns the records of every quantized linear (by full module name) kept here, and the run
-    report (block entries of the blocks quantized by this call).
+    report (block entries of the blocks quantized by this call; `windows_propagated`: rows this
+    process pushed through finished blocks, its share under several processes).
     """
     from tqdm.auto import tqdm
 
@@ -547,7 +563,7 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     loader = loader or BlockLoader()
     run = prepare_run(model, adapter, windows, cfg, device, loader, store, resume)
     blocks, n_blocks, ctx, bufs = run.blocks, run.n_blocks, run.ctx, run.bufs
-    records, block_reports = {}, []
+    records, block_reports, propagated = {}, [], 0
     for index in tqdm(range(run.start, n_blocks), desc="blocks", unit="block",
                       initial=run.start, total=n_blocks, disable=not progress):
         block = blocks[index]
@@ -564,8 +580,10 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
             sink(index, block, block_records, report, next_bufs)
         loader.release(index, block)
         bufs = next_bufs
+        propagated += next_bufs.propagated
         block_reports.append(report)
         log.info("block %d: rel. output MSE %.4g, %.1f s", index, report["val_block_rel_mse"],
                  report["seconds"])
     return records, {"blocks": block_reports, "quantize_seconds": time.perf_counter() - t0,
-                     "blocks_quantized": n_blocks, "blocks_total": len(blocks)}
+                     "blocks_quantized": n_blocks, "blocks_total": len(blocks),
+                     "windows_propagated": propagated}

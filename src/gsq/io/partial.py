@@ -43,6 +43,11 @@ LOCK_FILE = ".lock"
 SPLITS = ("train", "val", "gptq")
 
 
+def activation_folder(partial: Path) -> Path:
+    """The activation folder of the partial directory `partial` (spill files, next inputs)."""
+    return partial / "act"
+
+
 def partial_path(out: str | Path) -> Path:
     """`OUT.partial` beside OUT."""
     out = Path(out)
@@ -133,7 +138,7 @@ class PartialRun:
 
     @property
     def activation_folder(self) -> Path:
-        return self.path / "act"
+        return activation_folder(self.path)
 
     def shard_name(self, index: int) -> str:
         """File of block `index` (0-based); index == blocks_total is the non-block shard."""
