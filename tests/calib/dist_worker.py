@@ -51,7 +51,8 @@ def calib_tokens() -> torch.Tensor:
 
 def run_case(name: str) -> dict:
     """{"records": {module: (codes, scale)}, "val": per stage its held-out losses (initial,
-    final) and per epoch (train loss, held-out hard and soft losses),
+    final) and per epoch (train loss, held-out hard and soft losses), "ranks": the report's
+    per-process entries,
     "e2e": (train KL, held-out KL) per epoch of the end-to-end scale stage}."""
     from gsq.api import quantize_model
 
@@ -64,7 +65,8 @@ def run_case(name: str) -> dict:
                       for run in s.get("history", [])])
                     for b in report["blocks"] for s in b["stages"]],
             "e2e": [(h["train_kl"], h["val_kl"]) for h in report["e2e"]["history"]]
-            if "e2e" in report else None}
+            if "e2e" in report else None,
+            "ranks": report["ranks"]}
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,10 @@ processes run one thread, as the reference does (a BLAS may split a product's re
 threads). With more parts per sum the grouping differs ((a + c) + (b + d) against
 ((a + b) + c) + d) and results agree to rounding only (benchmarks/RESULTS.md).
 
+The activations pushed through each block are computed in shares (batch i by rank i mod N) and
+shared (a node-wide memory-mapped store under the CLI, sent between ranks in memory): the report's
+`ranks` entries show each rank's share of the windows and that the CLI's activations are one copy.
+
 The launches run `dist_worker.py` under `python -m torch.distributed.run` (torchrun).
 """
 
@@ -64,6 +68,7 @@ def test_two_processes_quantize_the_same_bits_as_one(tmp_path):
                 assert torch.equal(got_scale, scale), (name, rank, module)
             assert got[name]["val"] == ref["val"], (name, rank)
             assert got[name]["e2e"] == ref["e2e"], (name, rank)
+            _check_shares(got[name]["ranks"], ref["ranks"])
     assert len(refs["llama-gsq"]["e2e"]) == 1  # the e2e stage ran its epoch
     for arch in ("llama", "qwen3_moe"):  # training moved codes away from GPTQ's: it is compared
         gsq_codes, gptq_codes = (refs[f"{arch}-{m}"]["records"] for m in ("gsq", "gptq"))
@@ -90,8 +95,21 @@ def _same_files(a: Path, b: Path) -> None:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def _check_shares(ranks: list[dict], single: list[dict]) -> None:
+    """Two ranks listed with their own peak memory, each having propagated only its share of
+    the windows one process propagates (batch i by rank i mod 2: 8 + 6 rows of 14 per block)."""
+    assert [r["rank"] for r in ranks] == [0, 1] and [r["rank"] for r in single] == [0]
+    assert all(r["peak_host_rss_gib"] > 0 for r in ranks)
+    shares = [r["windows_propagated"] for r in ranks]
+    assert sum(shares) == single[0]["windows_propagated"] > 0 and all(shares), shares
+    assert max(shares) < single[0]["windows_propagated"], shares
+
+
 def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path, tiny_llama_dir,
                                                            single_process_dir):
+    """The same files; the report lists both ranks, each with its share of the propagation and
+    the activations in the shared files (the same bytes one process keeps in RAM, and none in a
+    rank's own RAM: one copy on the node)."""
     calib, one = single_process_dir
     out = tmp_path / "two"
     run = torchrun(2, "cli", "-q", "quantize", str(tiny_llama_dir), "--calib", str(calib),
@@ -100,6 +118,14 @@ def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path, tiny_llama_
     assert run.stdout.count("quantized 14 tensors") == 1, run.stdout  # rank 0 reports, alone
     _same_files(one, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no partial directory left
+    single, two = (json.loads((d / "report.json").read_text()) for d in (one, out))
+    assert single["activations"] == "memory" and two["activations"] == "shared"
+    _check_shares(two["ranks"], single["ranks"])
+    in_ram = single["ranks"][0]["activations_private_gib"]
+    assert in_ram > 0 and single["ranks"][0]["activations_file_gib"] == 0
+    for rank in two["ranks"]:
+        assert rank["activations_private_gib"] == 0
+        assert rank["activations_file_gib"] == in_ram  # the same files, mapped by both ranks
 
 
 def test_a_failing_rank_stops_the_run_and_one_process_resumes_it(tmp_path, tiny_llama_dir,
