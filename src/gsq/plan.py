@@ -16,6 +16,11 @@ The end-to-end scale stage (`cfg.e2e`) runs after the block loop, on the whole m
 block, the LM head, the boundary activations of one step, the teacher's states and the
 multipliers with their Lion state; `e2e_plan`). `--e2e-streamed auto` streams it when the whole
 model would not fit: over the host budget, or on a GPU over half of its free memory.
+
+The plan is for one process: it has no notion of a torchrun launch. Under one, each process's
+weights and training state are as planned, but the calibration activations are one shared copy
+per node (memory-mapped files in `OUT.partial`, `gsq.calib.cache`), whatever the spill decision
+says; the report's `ranks` holds each process's measured peak.
 """
 
 from __future__ import annotations
