@@ -447,9 +447,9 @@ def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int
                     device: torch.device) -> torch.device:
     """Where the block inputs and FP targets live between uses (see `offload_activations`).
 
-    Auto mode keeps them on the GPU when they fit (`activations_fit_device`): host round trips
-    cost more than the training itself on small models, and host memory is the scarcer on
-    large ones.
+    Auto mode keeps them on the GPU when they fit (`activations_fit_device`; on every rank's
+    GPU under several processes): host round trips cost more than the training itself on small
+    models, and host memory is the scarcer on large ones.
     """
     if device.type != "cuda" or cfg.offload_activations:
         return torch.device("cpu")
@@ -457,7 +457,12 @@ def activation_home(cfg: QuantizeConfig, windows: dict[str, Tensor], hidden: int
         return device
     tokens = sum(w.numel() for w in windows.values())
     free, _ = torch.cuda.mem_get_info(device)
-    return device if activations_fit_device(tokens, hidden, free) else torch.device("cpu")
+    # ranks that do not fit, summed: every rank picks the same home (how `map_batches` shares
+    # rows depends on it), the device only where it fits on every rank
+    misses = torch.tensor([0.0 if activations_fit_device(tokens, hidden, free) else 1.0],
+                          dtype=torch.float64)
+    dist.all_reduce_sum([misses])
+    return device if misses.item() == 0 else torch.device("cpu")
 
 
 class BlockLoader:
