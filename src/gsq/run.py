@@ -87,7 +87,7 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
     the others run the same block loop (`_follow`) and return the report rank 0 wrote. OUT is
     completed only once every rank has finished its block loop."""
     if not dist.world().is_main:
-        return _follow(inputs, out, progress, activations_on_disk)
+        return _follow(inputs, out, progress)
     blocks_total = len(inputs.adapter.blocks(inputs.streamed.model))
     partial = PartialRun.open(out, run_fingerprint(inputs), blocks_total, resume, overwrite)
     try:
@@ -110,7 +110,7 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
     return report
 
 
-def _follow(inputs: RunInputs, out: Path, progress: bool, activations_on_disk: bool) -> dict:
+def _follow(inputs: RunInputs, out: Path, progress: bool) -> dict:
     """A rank other than 0: the block loop with the same collectives as rank 0, writing nothing
     but its rows of the shared activation store rank 0 prepared in OUT.partial; then the report
     rank 0 wrote to OUT."""
