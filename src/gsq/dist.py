@@ -23,18 +23,35 @@ What ranks share (the block loop, `gsq.calib.sequential`, `gsq.quant.trainer`):
     computes. The shared store is one folder on one node: multi-node launches are not supported;
   * small per-rank facts (peak memory, rows computed) reach every rank with `all_gather_object`,
     for rank 0's report.
+
+Expert parallel (MoE layers, GPTQ only): expert e of a layer is owned by rank e mod N
+(`World.owner`). Each rank accumulates every expert's Hessian partial sums over its own windows
+(data parallel, as above); each expert's sums are then reduced to its owner alone (`reduce_sum`;
+token counts are still summed everywhere), the owner solves GPTQ for the experts it owns, batched
+over them, and the codes and scales go from each owner to every rank (`broadcast_object`), so
+every rank's block holds the same quantized experts for the next block and rank 0 writes them.
+Every expert is thus calibrated on all the tokens the router sends it, summed at its owner: gsq
+moves the tokens' second-moment statistics (one (in, in) sum per expert) to the expert instead of
+the tokens themselves, which is what GPTQ needs and far less data than an all-to-all of
+activations. Not expert parallel: GSQ's training of the experts (the MLP stage trains all
+experts of a layer together on the block-output objective, data parallel over micro-batches,
+every rank holding every expert); sharding that training would need the all-to-all of tokens to
+their experts' ranks (and back) in every forward and backward pass.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,9 +66,13 @@ class World:
         """Rank 0: the one process that writes outputs and prints."""
         return self.rank == 0
 
+    def owner(self, index: int) -> int:
+        """The rank of work item (or MoE expert) `index`: index mod size."""
+        return index % self.size
+
     def owns(self, index: int) -> bool:
         """Whether work item `index` (global numbering) is this rank's."""
-        return index % self.size == self.rank
+        return self.owner(index) == self.rank
 
 
 def _active() -> bool:
@@ -103,30 +124,69 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
-    """Replace each tensor by its sum over ranks, in place; one all-reduce per dtype.
+def _multi() -> bool:
+    return _active() and tdist.get_world_size() > 1
 
-    Elementwise sums only: with two ranks, a + b is exact, the value a single process gets when it
-    adds the same two partial sums."""
-    if not _active() or tdist.get_world_size() == 1:
-        return
+
+def _packed(tensors: Sequence[Tensor], collective: Callable[[Tensor], bool]) -> None:
+    """Run `collective` on one flat buffer per dtype of `tensors`, and copy the buffer back into
+    them where it returns True (the ranks that receive the result)."""
     comm = _comm_device()
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
         flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
-        tdist.all_reduce(flat)
+        if not collective(flat):
+            continue
         offset = 0
         for t in group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
+def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
+    """Replace each tensor by its sum over ranks, in place; one all-reduce per dtype.
+
+    Elementwise sums only: with two ranks, a + b is exact, the value a single process gets when it
+    adds the same two partial sums."""
+    if not _multi():
+        return
+
+    def collective(flat: Tensor) -> bool:
+        tdist.all_reduce(flat)
+        return True
+
+    _packed(tensors, collective)
+
+
+def reduce_sum(tensors: Sequence[Tensor], dst: int) -> None:
+    """Replace each tensor by its sum over ranks on rank `dst` alone, in place (elsewhere they
+    are left undefined: they were partial sums to give away); one reduce per dtype. The same
+    elementwise sums as `all_reduce_sum` (a + b with two ranks), received by one rank."""
+    if not _multi():
+        return
+
+    def collective(flat: Tensor) -> bool:
+        tdist.reduce(flat, dst)
+        return tdist.get_rank() == dst
+
+    _packed(tensors, collective)
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` (picklable; tensors in it should be on the CPU) on every rank."""
+    if not _multi():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def sum_gradients(params: Sequence[Tensor], *extra: Tensor) -> None:
     """Sum the gradients of `params` (and the tensors `extra`, e.g. a loss total) over ranks; a
     rank that backpropagated nothing contributes zeros."""
-    if not _active() or tdist.get_world_size() == 1:
+    if not _multi():
         return
     for p in params:
         if p.grad is None:
@@ -136,7 +196,7 @@ def sum_gradients(params: Sequence[Tensor], *extra: Tensor) -> None:
 
 def from_rank0(values: Sequence[float]) -> list[float]:
     """Rank 0's values on every rank (float64)."""
-    if not _active() or tdist.get_world_size() == 1:
+    if not _multi():
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
     tdist.broadcast(t, src=0)
@@ -145,14 +205,14 @@ def from_rank0(values: Sequence[float]) -> list[float]:
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
-    if _active() and tdist.get_world_size() > 1:
+    if _multi():
         tdist.barrier()
 
 
 def broadcast_from(tensor: Tensor, src: int) -> None:
     """Overwrite `tensor` (any device) on every rank with rank `src`'s values, in place: the same
     bits on every rank."""
-    if not _active() or tdist.get_world_size() == 1:
+    if not _multi():
         return
     comm = _comm_device()
     direct = tensor.device == comm and tensor.is_contiguous()
@@ -162,19 +222,10 @@ def broadcast_from(tensor: Tensor, src: int) -> None:
         tensor.copy_(buf)
 
 
-def broadcast_object(value: object) -> object:
-    """Rank 0's `value` (picklable) on every rank."""
-    if not _active() or tdist.get_world_size() == 1:
-        return value
-    box = [value]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_gather_object(value: object) -> list:
     """Every rank's `value` (picklable, small), in rank order, on every rank; [value] in one
     process."""
-    if not _active() or tdist.get_world_size() == 1:
+    if not _multi():
         return [value]
     out: list = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, value)

@@ -14,6 +14,11 @@ The activations pushed through each block are computed in shares (batch i by ran
 shared (a node-wide memory-mapped store under the CLI, sent between ranks in memory): the report's
 `ranks` entries show each rank's share of the windows and that the CLI's activations are one copy.
 
+MoE experts are expert parallel for GPTQ: expert e's Hessian sums are reduced to rank e mod 2
+alone (the same a + b), solved there, and its codes sent to every rank; batched GPTQ gives each
+expert the bits it gets alone (tests/quant/test_gptq.py), so an owner's smaller batch changes
+nothing.
+
 The launches run `dist_worker.py` under `python -m torch.distributed.run` (torchrun).
 """
 
@@ -51,8 +56,14 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
+def _expert_index(name: str) -> int:
+    return int(name.rsplit(".", 1)[1])
+
+
 def test_two_processes_quantize_the_same_bits_as_one(tmp_path):
-    """Tiny Llama (GSQ with the e2e scale stage, GPTQ) and Qwen3-MoE (GSQ, GPTQ) in memory."""
+    """Tiny Llama (GSQ with the e2e scale stage, GPTQ), Qwen3-MoE (GSQ, GPTQ, GSQ with starved
+    experts) and Mixtral (GPTQ with starved experts) in memory; each rank solved GPTQ for the
+    experts it owns (e mod 2) and no other."""
     run = torchrun(2, "records", str(tmp_path / "rec"))
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rec.rank{r}") for r in (0, 1)]
@@ -69,6 +80,13 @@ def test_two_processes_quantize_the_same_bits_as_one(tmp_path):
             assert got[name]["val"] == ref["val"], (name, rank)
             assert got[name]["e2e"] == ref["e2e"], (name, rank)
             _check_shares(got[name]["ranks"], ref["ranks"])
+            for (solved, starved), (ref_solved, ref_starved) in zip(got[name]["moe"], ref["moe"],
+                                                                    strict=True):
+                assert starved == ref_starved, (name, rank)
+                assert solved == [e for e in ref_solved if _expert_index(e) % 2 == rank], name
+        if not name.startswith("llama"):  # one process solves every expert; some starve
+            assert len(ref["moe"]) == 2 and all(len(s) == 4 for s, _ in ref["moe"]), name
+            assert all(bool(f) == name.endswith("starved") for _, f in ref["moe"]), name
     assert len(refs["llama-gsq"]["e2e"]) == 1  # the e2e stage ran its epoch
     for arch in ("llama", "qwen3_moe"):  # training moved codes away from GPTQ's: it is compared
         gsq_codes, gptq_codes = (refs[f"{arch}-{m}"]["records"] for m in ("gsq", "gptq"))

@@ -110,12 +110,12 @@ def test_gptq_split_counts_are_those_of_the_hessians(run, windows, tiny_moe, mon
     seen = {}
     real = sequential._hessians
 
-    def spy(bc, adapter, names, x, micro, pooled=frozenset()):
+    def spy(bc, adapter, names, x, micro, pooled=frozenset(), owners=None):
         with adapter.hessian_collector(bc.block, names, pooled) as accs:
             for chunk in x.split(micro):
                 adapter.block_forward(bc.block, chunk, bc.ctx)
         seen.update({bc.prefix + n: acc.n_samples for n, acc in accs.items()})
-        return real(bc, adapter, names, x, micro, pooled)
+        return real(bc, adapter, names, x, micro, pooled, owners)
 
     monkeypatch.setattr(sequential, "_hessians", spy)
     model = tiny_moe("mixtral")

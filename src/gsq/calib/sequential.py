@@ -20,6 +20,8 @@ expert (`adapter.hessian_collector`); same-shape experts are solved in one batch
 trains all experts together on the block-output objective, their soft weights stacked into the
 fused expert parameters (`adapter.trial_params`). An expert routed fewer than
 `cfg.moe_min_tokens` tokens takes a fallback (see `Routing`), reported per expert.
+Under several processes GPTQ of the experts is expert parallel (`gsq.dist`): expert e's Hessian
+sums go to rank e mod N alone, which solves it; every rank then receives every expert's codes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.models.base import ModelAdapter, StageSpec
 from gsq.quant.gptq import gptq_quantize, gptq_quantize_batched
-from gsq.quant.hessian import all_reduce_accumulators
+from gsq.quant.hessian import reduce_accumulators
 from gsq.quant.layerwise import QuadraticObjective
 from gsq.quant.noise import derive_seed
 from gsq.quant.quantizers import make_quantizer
@@ -129,19 +131,21 @@ def active_stages(adapter: ModelAdapter, cfg: QuantizeConfig,
 
 @torch.no_grad()
 def _hessians(bc: BlockContext, adapter: ModelAdapter, names: list[str], x: Tensor,
-              micro: int, pooled: frozenset[str] = frozenset()) -> dict[str, Tensor]:
+              micro: int, pooled: frozenset[str] = frozenset(),
+              owners: dict[str, int] | None = None) -> dict[str, Tensor]:
     """H of each named linear's inputs while `x` runs through the block in its current state
     (`pooled`: routed linears that see every token of their layer, `hessian_collector`).
     Under several processes each runs its share of the chunks and the sums are added up
-    (`gsq.dist`), so every process gets the same H."""
-    world = dist.world()
+    (`gsq.dist`), so every process gets the same H; a linear in `owners` (an MoE expert's,
+    name -> rank) has its sums added up on its owner alone, and only there is its H returned."""
+    world, owners = dist.world(), owners or {}
     with adapter.hessian_collector(bc.block, names, pooled) as accs:
         for c, chunk in enumerate(x.split(micro)):
             if world.owns(c):
                 adapter.block_forward(bc.block, chunk.to(bc.device), bc.ctx)
     if world.size > 1:
-        all_reduce_accumulators(accs.values(), dist.all_reduce_sum)
-    return {name: acc.H for name, acc in accs.items()}
+        reduce_accumulators(accs, owners, dist.all_reduce_sum, dist.reduce_sum)
+    return {name: acc.H for name, acc in accs.items() if owners.get(name, world.rank) == world.rank}
 
 
 @torch.no_grad()
@@ -154,7 +158,8 @@ def _set_weights(adapter: ModelAdapter, block: nn.Module,
 
 @dataclass
 class Routing:
-    """Calibration tokens per routed expert of an MoE stage, and the experts that fall back.
+    """Calibration tokens per routed expert of an MoE stage, the experts that fall back, and the
+    rank that solves each expert's GPTQ (`owners`: expert e -> rank e mod N, `gsq.dist`).
 
     `tokens[split][key]`: tokens the full-precision router sent to expert `key` (each token
     counts once per expert of its top-k), for the "gptq" split (counted for every method) and
@@ -168,8 +173,20 @@ class Routing:
 
     experts: dict[str, tuple[str, ...]]  # expert key -> its linears quantized in this stage
     min_tokens: int
+    owners: dict[str, int] = field(default_factory=dict)  # expert key -> rank solving its GPTQ
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     fallback: dict[str, list[str]] = field(default_factory=dict)  # expert key -> fallbacks
+    solved: list[str] = field(default_factory=list)  # expert keys whose GPTQ this process solved
+
+    def linear_owners(self) -> dict[str, int]:
+        """The owner of each expert linear (its expert's)."""
+        return {n: self.owners[k] for k, linears in self.experts.items() for n in linears}
+
+    def mark_solved(self, names: Iterable[str]) -> None:
+        """Record the experts with a linear among `names` (solved by this process)."""
+        names = set(names)
+        self.solved += [k for k, linears in self.experts.items()
+                        if k not in self.solved and names & set(linears)]
 
     @torch.no_grad()
     def count(self, bc: BlockContext, adapter: ModelAdapter, split: str,
@@ -198,10 +215,11 @@ def _routing(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig, specs
     """The stage's `Routing` with the GPTQ split counted (None: no routed expert in `specs`)."""
     experts = {k: tuple(n for n in linears if n in specs)
                for k, linears in adapter.experts(bc.block).items()}
+    owners = {k: dist.world().owner(e) for e, k in enumerate(experts)}  # e: index in the layer
     experts = {k: v for k, v in experts.items() if v}
     if not experts:
         return None
-    routing = Routing(experts, cfg.moe_min_tokens)
+    routing = Routing(experts, cfg.moe_min_tokens, {k: owners[k] for k in experts})
     micro = cfg.train.micro_batch_size
     routing.count(bc, adapter, "gptq", (adapter.attention_residual(bc.block, x.to(bc.device),
                                                                     bc.ctx)
@@ -233,6 +251,23 @@ def _gptq(bc: BlockContext, cfg: QuantizeConfig, group: list[str], specs: dict,
     return {n: done[n] for n in group}
 
 
+def _from_owners(done: dict[str, QuantizedWeight], group: list[str], owners: dict[str, int],
+                 device: torch.device) -> dict[str, QuantizedWeight]:
+    """The records of all of `group`, in its order, on every rank: those solved here (`done`)
+    and those of linears in `owners` solved by their owner, sent from each owner in turn (on the
+    CPU, put on `device`). One process: `done` itself."""
+    world = dist.world()
+    if world.size == 1 or not owners:
+        return done
+    got = dict(done)
+    for rank in range(world.size):
+        mine = {n: qw.to("cpu") for n, qw in done.items() if owners.get(n) == rank}
+        theirs = dist.broadcast_object(mine, rank)  # rank's own records, on every rank
+        if rank != world.rank:
+            got.update({n: qw.to(device) for n, qw in theirs.items()})
+    return {n: got[n] for n in group}
+
+
 def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro,
                         routing: Routing | None = None) -> tuple[dict, dict]:
     """GPTQ (or RTN) codes of each linear, and the GPTQ Hessians (empty for RTN).
@@ -241,7 +276,9 @@ def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro,
     before the next group's Hessians are collected, so e.g. down_proj is fitted to the outputs of
     the quantized gate/up projections (the usual "true sequential" GPTQ).
     With `bc.init_provider`, its records instead (no Hessians).
-    With `routing` (MoE), starved experts get pooled Hessians (`Routing`).
+    With `routing` (MoE), starved experts get pooled Hessians (`Routing`), and each expert is
+    solved by its owner alone, which sends its codes to every rank (`gsq.dist`); the Hessians
+    returned are then those of the linears this rank solved.
     """
     if bc.init_provider is not None:
         return bc.init_provider(bc, stage, list(specs)), {}
@@ -249,10 +286,15 @@ def _initial_assignment(bc, adapter, cfg, stage, specs, bufs, micro,
         return {n: rtn_quantize(bc.W_f[n], s) for n, s in specs.items()}, {}
     pooled = routing.starved("gptq", "pooled_hessian") if routing else frozenset()
     batched = {n for linears in routing.experts.values() for n in linears} if routing else set()
+    owners = routing.linear_owners() if routing else {}
     init, H = {}, {}
     for group in stage.gptq_groups(list(specs)):
-        H.update(_hessians(bc, adapter, group, bufs.gptq, micro, pooled & set(group)))
-        done = _gptq(bc, cfg, group, specs, H, batched)
+        H.update(_hessians(bc, adapter, group, bufs.gptq, micro, pooled & set(group), owners))
+        mine = [n for n in group if n in H]  # under expert parallelism, the owned experts'
+        done = _gptq(bc, cfg, mine, specs, H, batched)
+        if routing is not None:
+            routing.mark_solved(mine)
+        done = _from_owners(done, group, owners, bc.device)
         _set_weights(adapter, bc.block, done)
         init.update(done)
     return init, H
@@ -372,6 +414,7 @@ def quantize_stage(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig,
     summary = _run_summary(stage, list(specs), runs, time.perf_counter() - t0)
     if routing is not None:
         summary["experts"] = routing.report(bc.prefix)
+        summary["experts_solved"] = [bc.prefix + k for k in routing.solved]  # by this process
     return results, summary
 
 

@@ -7,10 +7,14 @@ the whole, and adding two partial sums is exactly what one process does with the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
+
+Reduce = Callable[[list[Tensor]], None]  # sums over processes, in place, on every rank
+ReduceTo = Callable[[list[Tensor], int], None]  # sums over processes, in place, on one rank
 
 
 class HessianAccumulator:
@@ -29,11 +33,16 @@ class HessianAccumulator:
     def H(self) -> Tensor:
         return self.S * (2.0 / max(self.n_samples, 1))
 
-    def all_reduce(self, reduce: Callable[[list[Tensor]], None]) -> None:
-        """Sum and count summed by `reduce` (in place, e.g. over processes)."""
+    def reduce(self, owner: int | None, all_reduce: Reduce, reduce_to: ReduceTo) -> None:
+        """Sum summed over processes to rank `owner` alone (`reduce_to`), or to every rank
+        (`all_reduce`, owner None); the count to every rank."""
         n = torch.tensor([self.n_samples], dtype=torch.long)
-        reduce([self.S, n])
+        all_reduce([n])
         self.n_samples = int(n)
+        if owner is None:
+            all_reduce([self.S])
+        else:
+            reduce_to([self.S], owner)
 
 
 def damp_hessian(H: Tensor, percdamp: float = 0.1) -> tuple[Tensor, Tensor]:
@@ -83,9 +92,23 @@ class GroupedHessianAccumulator:
     def H(self) -> Tensor:
         return self.S * (2.0 / self.n_samples.clamp(min=1).to(self.S.device))[:, None, None]
 
-    def all_reduce(self, reduce: Callable[[list[Tensor]], None]) -> None:
-        """Sums and counts summed by `reduce` (in place, e.g. over processes)."""
-        reduce([self.S, self.n_samples])
+    def reduce(self, owners: Mapping[int, int | None], all_reduce: Reduce,
+               reduce_to: ReduceTo) -> None:
+        """Counts summed over processes to every rank; the sum `S[g]` of each group g in `owners`
+        to rank `owners[g]` alone (None: to every rank), the groups of one owner packed into one
+        reduce. Groups left out of `owners` are not read and not reduced."""
+        all_reduce([self.n_samples])
+        by_owner: dict[int | None, list[int]] = {}
+        for g, owner in sorted(owners.items()):
+            by_owner.setdefault(owner, []).append(g)
+        for owner, groups in by_owner.items():
+            idx = torch.tensor(groups, device=self.S.device)
+            part = self.S[idx]  # (len(groups), n, n) this process's partial sums, packed
+            if owner is None:
+                all_reduce([part])
+            else:
+                reduce_to([part], owner)  # `part` unchanged on the other ranks
+            self.S[idx] = part
 
     def member(self, g: int) -> GroupMember:
         """Group g seen as one accumulator (`.H`, `.n_samples`), read when asked."""
@@ -107,15 +130,25 @@ class GroupMember:
         return int(self.grouped.n_samples[self.g])
 
 
-def all_reduce_accumulators(accs: Iterable, reduce: Callable[[list[Tensor]], None]) -> None:
-    """`reduce` the sums and counts of the accumulators behind `accs` (HessianAccumulator or
-    GroupMember; a grouped accumulator or one shared by several linears is reduced once)."""
-    seen: dict[int, object] = {}
-    for acc in accs:
-        base = acc.grouped if isinstance(acc, GroupMember) else acc
-        seen.setdefault(id(base), base)
-    for base in seen.values():
-        base.all_reduce(reduce)
+def reduce_accumulators(accs: Mapping[str, Any], owners: Mapping[str, int],
+                        all_reduce: Reduce, reduce_to: ReduceTo) -> None:
+    """Sum the accumulators behind `accs` (linear name -> HessianAccumulator or GroupMember)
+    over processes, in place: a linear's sum to its owner alone (`owners[name]`, a rank: MoE
+    experts under expert parallelism, `gsq.dist`), to every rank where it has none or where it
+    shares its accumulator with linears of another owner (the pooled inputs of starved experts);
+    counts to every rank. An accumulator shared by several linears, or a grouped one, is reduced
+    once. Every rank must call this with the same names and owners (the collectives match up)."""
+    bases: dict[int, tuple[Any, dict]] = {}  # id -> (accumulator, group or None -> owner)
+    for name, acc in accs.items():
+        base, key = (acc.grouped, acc.g) if isinstance(acc, GroupMember) else (acc, None)
+        keys = bases.setdefault(id(base), (base, {}))[1]
+        owner = owners.get(name)
+        keys[key] = owner if keys.get(key, owner) == owner else None
+    for base, keys in bases.values():
+        if isinstance(base, GroupedHessianAccumulator):
+            base.reduce(keys, all_reduce, reduce_to)
+        else:
+            base.reduce(keys[None], all_reduce, reduce_to)
 
 
 def group_rows(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
