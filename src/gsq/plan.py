@@ -233,7 +233,8 @@ def stage_work_bytes(s: Shapes, cfg: QuantizeConfig) -> int:
     (logits, their gradient, Lion's moment and the sampled probabilities, per candidate) plus a
     micro-batch's autograd activations. MoE experts: one Hessian per expert and input stream,
     the routed-token batches while they are collected, and the experts of a GPTQ group solved
-    as one batch."""
+    as one batch. One process: under torchrun (expert parallel, `gsq.dist`) a process solves
+    only its own experts' batch; the plan has no process count and does not model that."""
     peak = 0
     k = _codes(cfg)
     for name in s.stage_names():

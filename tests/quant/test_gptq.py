@@ -242,6 +242,12 @@ def test_batched_gptq_equals_one_solve_per_weight(bits, static):
         single = gptq_quantize(W[b], H[b], spec, 0.1, 64, static)
         assert torch.equal(batched[b].codes, single.codes), b
         assert torch.equal(batched[b].scale, single.scale), b
+    # so an expert's bits do not depend on the batch it is solved in (expert parallel: an owner
+    # solves its own experts only)
+    parts = gptq_quantize_batched(W[::2], H[::2], spec, 0.1, 64, static)
+    for b, part in zip((0, 2), parts, strict=True):
+        assert torch.equal(batched[b].codes, part.codes), b
+        assert torch.equal(batched[b].scale, part.scale), b
 
 
 def test_batched_gptq_refuses_gguf_targets():

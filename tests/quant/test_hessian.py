@@ -82,3 +82,42 @@ def test_batched_damping_equals_damp_hessian():
         torch.testing.assert_close(damped[b], ref)
         assert torch.equal(dead[b], ref_dead)
     assert dead[1, 2] and int(dead.sum()) == 1
+
+
+def test_reduce_accumulators_sends_each_expert_to_its_owner():
+    """Expert parallel (`gsq.dist`): a linear's sums go to its owner alone (`reduce_to`), packed
+    per owner; an accumulator shared by linears of two owners (the pooled input of starved
+    experts) and every count go to every rank (`all_reduce`); unreferenced groups stay put.
+    The fake collectives double what they reduce, as if two ranks held the same partial sums."""
+    from gsq.quant.hessian import GroupedHessianAccumulator, reduce_accumulators
+
+    gen = torch.Generator().manual_seed(0)
+    grouped = GroupedHessianAccumulator(4, 3)
+    grouped.add_padded(torch.randn(4, 5, 3, generator=gen), torch.full((4,), 5))
+    pooled, down = HessianAccumulator(3), HessianAccumulator(3)
+    pooled.add(torch.randn(6, 3, generator=gen))
+    down.add(torch.randn(6, 3, generator=gen))
+    S0 = grouped.S.clone()
+    accs = {"e0.gate": grouped.member(0), "e0.up": grouped.member(0), "e1.gate": grouped.member(1),
+            "e3.gate": grouped.member(3), "e2.gate": pooled, "e5.gate": pooled, "e2.down": down}
+    owners = {"e0.gate": 0, "e0.up": 0, "e1.gate": 1, "e3.gate": 1, "e2.gate": 0, "e5.gate": 1,
+              "e2.down": 0}
+    calls = []
+
+    def all_reduce(ts):
+        calls.append(("all", [tuple(t.shape) for t in ts]))
+        for t in ts:
+            t.mul_(2)
+
+    def reduce_to(ts, dst):
+        calls.append((dst, [tuple(t.shape) for t in ts]))
+        for t in ts:
+            t.mul_(2)
+
+    reduce_accumulators(accs, owners, all_reduce, reduce_to)
+    assert calls == [("all", [(4,)]), (0, [(1, 3, 3)]), (1, [(2, 3, 3)]),  # groups 0 | 1, 3
+                     ("all", [(1,)]), ("all", [(3, 3)]),  # pooled: count, sum to every rank
+                     ("all", [(1,)]), (0, [(3, 3)])]  # expert 2's down: count, sum to rank 0
+    assert torch.equal(grouped.S[[0, 1, 3]], 2 * S0[[0, 1, 3]])
+    assert torch.equal(grouped.S[2], S0[2])  # expert 2 (starved) is read from `pooled`
+    assert pooled.n_samples == down.n_samples == 12
