@@ -215,7 +215,8 @@ def _routing(bc: BlockContext, adapter: ModelAdapter, cfg: QuantizeConfig, specs
     """The stage's `Routing` with the GPTQ split counted (None: no routed expert in `specs`)."""
     experts = {k: tuple(n for n in linears if n in specs)
                for k, linears in adapter.experts(bc.block).items()}
-    owners = {k: dist.world().owner(e) for e, k in enumerate(experts)}  # e: index in the layer
+    world = dist.world()
+    owners = {k: world.owner(e) for e, k in enumerate(experts)}  # e: the expert's index
     experts = {k: v for k, v in experts.items() if v}
     if not experts:
         return None
