@@ -94,7 +94,7 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
     Under torchrun, data parallel over its processes (`gsq.dist`), each returning the same
     records; the activations are computed in shares but every process keeps them all (no shared
     folder here: `quantize` with an output directory shares them). `report["ranks"]`: each
-    process's peak memory and windows propagated (`gsq.memory.rank_entries`)."""
+    process's peak memory, windows propagated and MoE experts solved (`gsq.memory.rank_entries`)."""
     t0 = time.perf_counter()
     device = dist.rank_device(device)
     progress = progress and dist.launch_world().is_main
@@ -115,7 +115,8 @@ def quantize_model(model: torch.nn.Module, tokenizer, cfg: QuantizeConfig,
             records, report["e2e"] = scale_finetune(model, adapter, records, windows, teacher,
                                                     cfg, device, progress)
         # every process's peak memory and share of the propagated windows (a collective)
-        ranks = rank_entries(device, windows_propagated=report.pop("windows_propagated"))
+        ranks = rank_entries(device, windows_propagated=report.pop("windows_propagated"),
+                             experts_solved=report.pop("experts_solved"))
     model.to("cpu")
     report.update({
         "method": cfg.method,

@@ -133,9 +133,11 @@ def _follow(inputs: RunInputs, out: Path, progress: bool) -> dict:
 
 def _rank_facts(report: dict, store: ActivationStore) -> dict:
     """This process's share of the work and of the activations, for `rank_entries`: windows it
-    pushed through finished blocks, GiB of activations it allocated (over the run) in its own RAM
-    and in files (shared ones: the same files on every rank, one copy on the node)."""
+    pushed through finished blocks, MoE experts whose GPTQ it solved (expert parallel), GiB of
+    activations it allocated (over the run) in its own RAM and in files (shared ones: the same
+    files on every rank, one copy on the node)."""
     return {"windows_propagated": report.pop("windows_propagated", 0),
+            "experts_solved": report.pop("experts_solved", 0),
             "activations_private_gib": store.ram_bytes / 2**30,
             "activations_file_gib": store.file_bytes / 2**30}
 

@@ -121,6 +121,9 @@ def _check_shares(ranks: list[dict], single: list[dict]) -> None:
     shares = [r["windows_propagated"] for r in ranks]
     assert sum(shares) == single[0]["windows_propagated"] > 0 and all(shares), shares
     assert max(shares) < single[0]["windows_propagated"], shares
+    solved = [r["experts_solved"] for r in ranks]  # MoE: each rank its own experts (e mod 2)
+    assert sum(solved) == single[0]["experts_solved"], solved
+    assert max(solved) <= -(-single[0]["experts_solved"] // 2), solved
 
 
 def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path, tiny_llama_dir,

@@ -604,7 +604,8 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     resume: continue at `resume.start` from its inputs.
     Returns the records of every quantized linear (by full module name) kept here, and the run
     report (block entries of the blocks quantized by this call; `windows_propagated`: rows this
-    process pushed through finished blocks, its share under several processes).
+    process pushed through finished blocks, its share under several processes; `experts_solved`:
+    MoE experts whose GPTQ this process solved, its own under several processes).
     """
     from tqdm.auto import tqdm
 
@@ -612,7 +613,7 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
     loader = loader or BlockLoader()
     run = prepare_run(model, adapter, windows, cfg, device, loader, store, resume)
     blocks, n_blocks, ctx, bufs = run.blocks, run.n_blocks, run.ctx, run.bufs
-    records, block_reports, propagated = {}, [], 0
+    records, block_reports, propagated, solved = {}, [], 0, 0
     for index in tqdm(range(run.start, n_blocks), desc="blocks", unit="block",
                       initial=run.start, total=n_blocks, disable=not progress):
         block = blocks[index]
@@ -630,9 +631,10 @@ def run_quantization(model: nn.Module, adapter: ModelAdapter, windows: dict[str,
         loader.release(index, block)
         bufs = next_bufs
         propagated += next_bufs.propagated
+        solved += sum(len(s.get("experts_solved", ())) for s in report["stages"])
         block_reports.append(report)
         log.info("block %d: rel. output MSE %.4g, %.1f s", index, report["val_block_rel_mse"],
                  report["seconds"])
     return records, {"blocks": block_reports, "quantize_seconds": time.perf_counter() - t0,
                      "blocks_quantized": n_blocks, "blocks_total": len(blocks),
-                     "windows_propagated": propagated}
+                     "windows_propagated": propagated, "experts_solved": solved}
