@@ -369,11 +369,18 @@ def _quantize(model_source: str, cfg: QuantizeConfig, calib: str | None, out: st
         report["plan"] = compare_plan(predicted, report, partial_path(out))
         return report
 
-    report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report)
-    if cfg.e2e.epochs:
-        report = finetune_output(out, model_source, inputs.windows, cfg, dev, progress,
-                                 predicted["e2e_streamed"], predicted["e2e_activations_spilled"],
-                                 streamed)
+    def end_to_end(folder: Path, report: dict) -> dict:
+        """The e2e stage on the block loop's completed directory, still inside OUT.partial (a
+        kill leaves it there for --resume); done already if the report has its entry (a kill
+        after the stage rewrote the directory)."""
+        if "e2e" in report:
+            return report
+        return finetune_output(folder, model_source, inputs.windows, cfg, dev, progress,
+                               predicted["e2e_streamed"], predicted["e2e_activations_spilled"],
+                               streamed)
+
+    report = run_streamed(inputs, out, progress, resume, overwrite, on_disk, complete_report,
+                          end_to_end if cfg.e2e.epochs else None)
     return QuantizeResult(None, streamed.tokenizer, None, report, out)
 
 

@@ -21,6 +21,7 @@ windows propagated and activation bytes (`_rank_facts`); one entry for a single 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from gsq.calib.sequential import Buffers, ResumePoint, run_quantization
 from gsq.config import QuantizeConfig
 from gsq.errors import GSQError
 from gsq.io.partial import PartialRun, activation_folder, partial_path
-from gsq.io.quantized_dir import module_meta, records_to_tensors
+from gsq.io.quantized_dir import REPORT_FILE, module_meta, records_to_tensors
 from gsq.memory import rank_entries
 from gsq.models.base import ModelAdapter
 from gsq.models.streaming import StreamedBlocks, StreamedModel
@@ -75,29 +76,44 @@ def run_fingerprint(inputs: RunInputs) -> dict:
     }
 
 
-def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, overwrite: bool,
-                 activations_on_disk: bool, complete_report: Callable[[dict, dict], dict]) -> dict:
-    """Quantize into `OUT.partial`, then complete OUT and remove the partial directory.
+Finalize = Callable[[Path, dict], dict]  # (completed directory, report) -> report
 
-    complete_report(run report, module metadata by name) -> the report.json to write (and
-    return). A GSQError removes the partial directory (nothing to resume); an interrupt or a
-    crash keeps it for `--resume`.
+
+def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, overwrite: bool,
+                 activations_on_disk: bool, complete_report: Callable[[dict, dict], dict],
+                 finalize: Finalize | None = None) -> dict:
+    """Quantize into `OUT.partial`, complete its `out/`, run `finalize` on it, then rename it to
+    OUT and remove the partial directory.
+
+    complete_report(run report, module metadata by name) -> the report.json to write.
+    finalize(directory, report) -> report: a stage on the whole finished directory (the
+    end-to-end scale stage), which may rewrite it; a resumed run whose block loop had completed
+    runs only this. A GSQError removes the partial directory (nothing to resume); an interrupt
+    or a crash keeps it for `--resume`.
 
     Under several processes (`gsq.dist`) only rank 0 writes (the partial directory, then OUT);
-    the others run the same block loop (`_follow`) and return the report rank 0 wrote. OUT is
-    completed only once every rank has finished its block loop."""
+    the others run the same block loop and `finalize` (`_follow`) and return the report rank 0
+    wrote. `out/` is completed only once every rank has finished its block loop."""
     if not dist.world().is_main:
-        return _follow(inputs, out, progress)
+        return _follow(inputs, out, progress, finalize)
     blocks_total = len(inputs.adapter.blocks(inputs.streamed.model))
     partial = PartialRun.open(out, run_fingerprint(inputs), blocks_total, resume, overwrite)
     try:
-        report, store = _quantize_into(partial, inputs, progress, activations_on_disk)
-        _write_rest(partial, inputs)
-        report["ranks"] = rank_entries(inputs.device, **_rank_facts(report, store))
-        report = complete_report(report, partial.state["modules"])
-        dist.barrier()  # every rank's block loop went through
-        partial.finish(out, inputs.cfg.to_dict(), report, side_files_writer(inputs.streamed),
-                       overwrite)
+        if partial.completed:  # one process only: several cannot resume (`gsq.api.quantize`)
+            log.info("resuming %s: the block loop had completed; running the stages after it",
+                     partial.path)
+            report = json.loads((partial.folder / REPORT_FILE).read_text())
+        else:
+            report, store = _quantize_into(partial, inputs, progress, activations_on_disk)
+            _write_rest(partial, inputs)
+            report["ranks"] = rank_entries(inputs.device, **_rank_facts(report, store))
+            report = complete_report(report, partial.state["modules"])
+            dist.barrier()  # every rank's block loop went through
+            partial.complete(inputs.cfg.to_dict(), report, side_files_writer(inputs.streamed))
+        dist.barrier()  # `out/` is complete
+        if finalize is not None:
+            report = finalize(partial.folder, report)
+        partial.publish(out, overwrite)
     except GSQError:
         partial.remove()
         raise
@@ -110,14 +126,10 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
     return report
 
 
-def _follow(inputs: RunInputs, out: Path, progress: bool) -> dict:
+def _follow(inputs: RunInputs, out: Path, progress: bool, finalize: Finalize | None) -> dict:
     """A rank other than 0: the block loop with the same collectives as rank 0, writing nothing
-    but its rows of the shared activation store rank 0 prepared in OUT.partial; then the report
-    rank 0 wrote to OUT."""
-    import json
-
-    from gsq.io.quantized_dir import REPORT_FILE
-
+    but its rows of the shared activation store rank 0 prepared in OUT.partial, then `finalize`
+    on the directory rank 0 completed; returns the report rank 0 wrote to OUT."""
     model, adapter = inputs.streamed.model, inputs.adapter
     dist.barrier()  # rank 0 opened the partial directory and emptied the shared store's folder
     store = ActivationStore(activation_folder(partial_path(out)), shared=True)
@@ -126,8 +138,12 @@ def _follow(inputs: RunInputs, out: Path, progress: bool) -> dict:
                                  progress, loader=loader, sink=lambda *block: None, store=store)
     rank_entries(inputs.device, **_rank_facts(report, store))  # to rank 0's report
     del store, report
-    dist.barrier()  # rank 0 completes OUT once every rank is here
-    dist.barrier()
+    dist.barrier()  # rank 0 completes `out/` once every rank is here
+    dist.barrier()  # `out/` is complete
+    if finalize is not None:
+        folder = partial_path(out) / "out"
+        finalize(folder, json.loads((folder / REPORT_FILE).read_text()))
+    dist.barrier()  # OUT is complete
     return json.loads((out / REPORT_FILE).read_text())
 
 

@@ -14,9 +14,12 @@ Layout:
                    and `spill/`, the memory-mapped activation files of a run over its host budget
 
 A block counts as finished once run.json says so; anything of a later block (a shard or codes
-written before a kill) is overwritten when that block is redone. When the run completes, `out/`
-is renamed to OUT and the partial directory removed: nothing appears at OUT before that. A lock
-file keeps two runs from sharing a partial directory.
+written before a kill) is overwritten when that block is redone. When the block loop is over,
+`out/` is completed (`complete`: run.json then says `completed`); stages that run on the whole
+finished directory (the end-to-end scale stage) work on it there, and a resumed run whose block
+loop had completed goes straight to them. Then `out/` is renamed to OUT and the partial directory
+removed (`publish`): nothing appears at OUT before that. A lock file keeps two runs from sharing
+a partial directory.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class PartialRun:
         run = cls(path, state, _lock(path))
         if fresh:
             run._write_state()
+        elif run.completed:
+            run._remove_stage_leftovers()
         else:
             run._remove_unfinished()
         return run
@@ -128,6 +133,12 @@ class PartialRun:
         for path in (self.path / "act").glob("in-*"):
             if path.name not in keep:
                 path.unlink()
+
+    def _remove_stage_leftovers(self) -> None:
+        """Temporary directories a stage on the completed `out/` left when it was killed (its
+        atomic rewrites build `.out.*` beside `out/`)."""
+        for path in self.path.glob(".out.*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -193,12 +204,22 @@ class PartialRun:
 
     # -- completing ------------------------------------------------------------------------
 
-    def finish(self, out: str | Path, config: dict, report: dict,
-               write_side_files: Callable[[Path], None], overwrite: bool) -> Path:
-        """Complete OUT from the finished blocks: index, codes of every block in one file,
+    @property
+    def completed(self) -> bool:
+        """Whether the block loop is over and `out/` complete (`complete`)."""
+        return bool(self.state.get("completed"))
+
+    @property
+    def folder(self) -> Path:
+        """`out/`, the future OUT."""
+        return self.path / "out"
+
+    def complete(self, config: dict, report: dict,
+                 write_side_files: Callable[[Path], None]) -> Path:
+        """Complete `out/` from the finished blocks: index, codes of every block in one file,
         gsq_config.json, report.json and `write_side_files(folder)` (config, tokenizer); then
-        rename it to OUT and remove the partial directory."""
-        folder = self.path / "out"
+        mark the run completed."""
+        folder = self.folder
         write_index(folder, sorted(p.name for p in folder.glob("model-*.safetensors")))
         codes = sorted((self.path / "codes").glob("block-*.safetensors"))
         write_safetensors(folder / CODES_FILE, [e for path in codes for e in file_entries(path)])
@@ -207,13 +228,19 @@ class PartialRun:
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
         write_side_files(folder)
+        self.state["completed"] = True
+        self._write_state()
+        return folder
+
+    def publish(self, out: str | Path, overwrite: bool) -> Path:
+        """Rename the completed `out/` to OUT and remove the partial directory."""
         out = Path(out)
         if out.exists():
             if not overwrite:
                 raise GSQError(f"output path '{out}' already exists (pass --overwrite to "
                                f"replace it)")
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(folder, out)
+        os.replace(self.folder, out)
         self.remove()
         return out
 
