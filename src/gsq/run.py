@@ -134,7 +134,11 @@ def _follow(inputs: RunInputs, out: Path, progress: bool, finalize: Finalize | N
     dist.barrier()  # rank 0 opened the partial directory and emptied the shared store's folder
     store = ActivationStore(activation_folder(partial_path(out)), shared=True)
     loader = StreamedBlocks(model, adapter, inputs.streamed.source)
-    _, report = run_quantization(model, adapter, inputs.windows, inputs.cfg, inputs.device,
+    cfg = inputs.cfg
+    if cfg.bpw is not None:  # rank 0's widths (`allocate_widths` broadcasts them)
+        cfg, _ = allocate_widths(model, adapter, inputs.windows, cfg, inputs.device, loader,
+                                 progress)
+    _, report = run_quantization(model, adapter, inputs.windows, cfg, inputs.device,
                                  progress, loader=loader, sink=lambda *block: None, store=store)
     rank_entries(inputs.device, **_rank_facts(report, store))  # to rank 0's report
     del store, report

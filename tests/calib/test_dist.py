@@ -181,3 +181,20 @@ def test_streamed_e2e_stage_under_torchrun_writes_what_one_process_writes(tmp_pa
                for d in ("one", "two")]
     assert all(r["streamed"] and r["best_epoch"] == 1 for r in reports)
     assert reports[0]["history"][0]["val_kl"] == reports[1]["history"][0]["val_kl"]
+
+
+def test_bpw_under_torchrun_writes_what_one_process_writes(tmp_path, tiny_llama_dir):
+    """--bpw: every rank quantizes with rank 0's allocation (the followers allocate too, and
+    rank 0's widths are broadcast), so two processes write the files one writes (GSQ: the ranks'
+    summed gradients need the same quantizers on every rank)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the cat sat on the mat and looked at the door"] * 60))
+    args = ["-q", "quantize", str(tiny_llama_dir), "--calib", str(calib), *BUDGET, "--method",
+            "gsq", "--bpw", "2.9"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun(2, "cli", *args, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    _same_files(tmp_path / "one", tmp_path / "two")
+    widths = [json.loads((tmp_path / d / "report.json").read_text())["allocation"]["widths"]
+              for d in ("one", "two")]
+    assert widths[0] == widths[1] and len(set(widths[0].values())) > 1  # a real mix of widths

@@ -22,6 +22,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from gsq import dist
 from gsq.calib.capture import capture_block_context, capture_block_inputs
 from gsq.calib.objectives import map_batches
 from gsq.calib.sequential import BlockLoader, active_stages
@@ -126,7 +127,8 @@ def allocate_widths(model: nn.Module, adapter: ModelAdapter, windows: dict[str, 
                     progress: bool = True) -> tuple[QuantizeConfig, dict]:
     """`cfg` with `cfg.bpw` resolved into per-unit bit widths (`bits_overrides`, exact names or
     expert patterns), and the allocation's report entry. Deterministic: RTN and fixed windows, so
-    a resumed run allocates the same widths again."""
+    a resumed run allocates the same widths again. Under several processes every rank measures
+    and rank 0's allocation is used by all (the same widths even where kernels differ)."""
     t0 = time.perf_counter()
     sample = windows["train"][:SENSITIVITY_WINDOWS]
     choices = measure_sensitivity(model, adapter, sample, cfg, device, loader, progress=progress)
@@ -137,4 +139,5 @@ def allocate_widths(model: nn.Module, adapter: ModelAdapter, windows: dict[str, 
     report = {"target_bpw": cfg.bpw, "achieved_bpw": alloc.achieved_bpw,
               "widths": alloc.widths, "sensitivity": {c.name: c.err for c in choices},
               "windows": len(sample), "seconds": round(time.perf_counter() - t0, 3)}
-    return cfg.replace(bpw=None, bits_overrides=tuple(alloc.widths.items())), report
+    return dist.broadcast_object(
+        (cfg.replace(bpw=None, bits_overrides=tuple(alloc.widths.items())), report))
