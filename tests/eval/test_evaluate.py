@@ -49,3 +49,29 @@ def test_refusals(tiny_llama, tiny_llama_dir, tmp_path):
         evaluate(str(tiny_llama_dir), tmp_path / "eval.txt", tokenizer="x")
     with pytest.raises(GSQError, match="numerics must be one of"):
         evaluate(str(tiny_llama_dir), tmp_path / "eval.txt", numerics="fast")
+    with pytest.raises(GSQError, match="dtype must be one of"):
+        evaluate(str(tiny_llama_dir), tmp_path / "eval.txt", dtype="float16")
+
+
+def test_bf16_loads_model_and_base_in_bf16(tiny_llama_dir, tmp_path, monkeypatch):
+    """--dtype bfloat16: the model and the base are loaded in bf16 (half the memory), and the
+    result stays close to the exact fp32 evaluation."""
+    import gsq.models.loading as loading
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    exact = evaluate(str(tiny_llama_dir), text, base=str(tiny_llama_dir), seqlen=64,
+                     progress=False)
+    loaded, real = [], loading.load_any_model
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        loaded.append({p.dtype for p in model.parameters()})
+        return model, tok
+
+    monkeypatch.setattr(loading, "load_any_model", spy)
+    half = evaluate(str(tiny_llama_dir), text, base=str(tiny_llama_dir), seqlen=64,
+                    progress=False, dtype="bfloat16")
+    assert loaded == [{torch.bfloat16}, {torch.bfloat16}]
+    assert half["ppl"] == pytest.approx(exact["ppl"], rel=0.02) and half["ppl"] != exact["ppl"]
+    assert half["kl"] == pytest.approx(0.0, abs=1e-9)  # the same bf16 model on both sides

@@ -31,6 +31,9 @@ def choose_engine(engine: str, model: Any) -> str:
     return "transformers" if engine == "auto" else engine
 
 
+EVAL_DTYPES = ("float32", "bfloat16")
+
+
 def _is_gguf(model: Any) -> bool:
     return isinstance(model, (str, Path)) and str(model).lower().endswith(".gguf")
 
@@ -47,7 +50,7 @@ def _tokens(text: str | Path | torch.Tensor, tokenizer) -> torch.Tensor:
 def evaluate(model: Any, text: str | Path | torch.Tensor, *, tokenizer: Any = None,
              base: Any = None, seqlen: int = 2048, max_tokens: int | None = None,
              device: str = "cpu", progress: bool = True, engine: str = "auto",
-             numerics: str = "exact") -> dict:
+             numerics: str = "exact", dtype: str = "float32") -> dict:
     """Perplexity of `model` on `text`; with `base`, also KL(base || model) and top-1 agreement.
 
     model: a model source (`gsq quantize`'s, or a quantized directory) or a causal LM in memory.
@@ -55,14 +58,20 @@ def evaluate(model: Any, text: str | Path | torch.Tensor, *, tokenizer: Any = No
     tokenizer: the tokenizer of an in-memory model (a source's own is used otherwise); with
     engine "llama.cpp", a model source whose HF tokenizer tokenizes the text.
     base: a model source or a causal LM in memory.
+    dtype: "float32" (exact, the default) or "bfloat16" (model sources and base loaded in bf16:
+    half the memory, and bf16 matmuls; logits are taken in fp32 either way).
     Returns `gsq.eval.perplexity.perplexity`'s dict, or `gsq.eval.kl.compare_with_base`'s.
     """
     if numerics not in NUMERICS:
         raise GSQError(f"numerics must be one of {', '.join(NUMERICS)}; got '{numerics}'")
+    if dtype not in EVAL_DTYPES:
+        raise GSQError(f"dtype must be one of {', '.join(EVAL_DTYPES)}; got '{dtype}'")
     if choose_engine(engine, model) == "llama.cpp":
         if numerics != "exact":
             raise GSQError("--numerics applies to the transformers engine only (llama.cpp "
                            "computes with its own numerics)")
+        if dtype != "float32":
+            raise GSQError("--dtype applies to the transformers engine only")
         return _evaluate_llamacpp(model, text, tokenizer, base, seqlen, max_tokens, device,
                                   progress)
     from gsq.config import resolve_device
@@ -74,13 +83,16 @@ def evaluate(model: Any, text: str | Path | torch.Tensor, *, tokenizer: Any = No
         raise GSQError("--tokenizer applies to the llama.cpp engine only")
     tensor_types = _gguf_tensor_types(model) if numerics == "llama.cpp" else None
     dev = resolve_device(device)
+    if numerics == "llama.cpp" and dtype != "float32":
+        raise GSQError("--numerics llama.cpp computes in fp32: it takes no --dtype")
+    weights = getattr(torch, dtype)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_any_model(str(model), device=str(dev))
+        model, tokenizer = load_any_model(str(model), dtype=weights, device=str(dev))
     elif tokenizer is None and not isinstance(text, torch.Tensor):
         raise GSQError("evaluating a model in memory on a text file needs its tokenizer")
     tokens = _tokens(text, tokenizer)
     if isinstance(base, (str, Path)):
-        base = load_any_model(str(base), device=str(dev))[0]
+        base = load_any_model(str(base), dtype=weights, device=str(dev))[0]
     model.to(dev)
     with _numerics(model, tensor_types):
         if base is None:
