@@ -41,14 +41,12 @@ def calib(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    from conftest import build_byte_tokenizer
-
+def moe_dir(tmp_path_factory, byte_tokenizer):
     from gsq.models.synthetic import build_random_model, random_config, save_random_model
 
     path = tmp_path_factory.mktemp("qwen3-moe")
     save_random_model(build_random_model(random_config("qwen3_moe", 256), seed=0),
-                      build_byte_tokenizer(), path)
+                      byte_tokenizer, path)
     return path
 
 
