@@ -195,57 +195,56 @@ def test_interrupted_moe_run_resumes_to_the_same_bytes(arch_model_dir, calib, tm
         assert "model.layers.2.mlp.experts.3.down_proj.codes" in set(codes.keys())
 
 
+def _killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def e2e_reference(model_dir, calib, tmp_path_factory):
+    """An uninterrupted run with the end-to-end stage (the cpu preset's)."""
+    out = tmp_path_factory.mktemp("e2e") / "ref"
+    quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    return out
+
+
+def _kill_at(owner, name: str, model_dir, calib, out, monkeypatch) -> None:
+    """A run killed (KeyboardInterrupt) when `owner.name` is called: nothing at OUT."""
+    monkeypatch.setattr(owner, name, _killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False)
+    monkeypatch.undo()
+    assert not out.exists()
+
+
 def test_run_killed_in_the_e2e_stage_resumes_only_the_stage(model_dir, calib, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch, e2e_reference):
     """A kill in the end-to-end stage leaves nothing at OUT and the completed block loop in
     OUT.partial; --resume runs only the stage (the block loop is not entered) and writes the
     bytes of an uninterrupted run."""
     import gsq.api as api
 
-    cfg = _cfg()
-    assert cfg.e2e.epochs > 0
-    reference = tmp_path / "ref"
-    quantize(str(model_dir), cfg, calib=str(calib), out=reference, progress=False)
+    assert _cfg().e2e.epochs > 0
     out = tmp_path / "q"
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(api, "finetune_output", killed)
-    with pytest.raises(KeyboardInterrupt):
-        quantize(str(model_dir), cfg, calib=str(calib), out=out, progress=False)
-    monkeypatch.undo()
-    assert not out.exists()
+    _kill_at(api, "finetune_output", model_dir, calib, out, monkeypatch)
     assert json.loads((partial_path(out) / "run.json").read_text())["completed"] is True
-    monkeypatch.setattr(sequential, "quantize_block", killed)  # the block loop must not run
-    result = quantize(str(model_dir), cfg, calib=str(calib), out=out, progress=False,
+    monkeypatch.setattr(sequential, "quantize_block", _killed)  # the block loop must not run
+    result = quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False,
                       resume=True)
     assert "e2e" in result.report and not partial_path(out).exists()
-    assert _files(out) == _files(reference)
+    assert _files(out) == _files(e2e_reference)
 
 
 def test_run_killed_after_the_e2e_stage_does_not_run_it_again(model_dir, calib, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, e2e_reference):
     """Killed between the stage's rewrite and the rename to OUT: --resume publishes the
     directory as it is (the stage is not run twice)."""
     import gsq.api as api
     from gsq.io.partial import PartialRun
 
-    cfg = _cfg()
-    reference = tmp_path / "ref"
-    quantize(str(model_dir), cfg, calib=str(calib), out=reference, progress=False)
     out = tmp_path / "q"
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(PartialRun, "publish", killed)
-    with pytest.raises(KeyboardInterrupt):
-        quantize(str(model_dir), cfg, calib=str(calib), out=out, progress=False)
-    monkeypatch.undo()
-    assert not out.exists()
-    monkeypatch.setattr(api, "finetune_output", killed)
-    result = quantize(str(model_dir), cfg, calib=str(calib), out=out, progress=False,
+    _kill_at(PartialRun, "publish", model_dir, calib, out, monkeypatch)
+    monkeypatch.setattr(api, "finetune_output", _killed)
+    result = quantize(str(model_dir), _cfg(), calib=str(calib), out=out, progress=False,
                       resume=True)
     assert "e2e" in result.report
-    assert _files(out) == _files(reference)
+    assert _files(out) == _files(e2e_reference)
