@@ -113,6 +113,7 @@ def run_streamed(inputs: RunInputs, out: Path, progress: bool, resume: bool, ove
         dist.barrier()  # `out/` is complete
         if finalize is not None:
             report = finalize(partial.folder, report)
+            dist.barrier()  # every rank is done with `out/` (it reads its report at the end)
         partial.publish(out, overwrite)
     except GSQError:
         partial.remove()
@@ -147,6 +148,7 @@ def _follow(inputs: RunInputs, out: Path, progress: bool, finalize: Finalize | N
     if finalize is not None:
         folder = partial_path(out) / "out"
         finalize(folder, json.loads((folder / REPORT_FILE).read_text()))
+        dist.barrier()  # done with `out/`: rank 0 may rename it
     dist.barrier()  # OUT is complete
     return json.loads((out / REPORT_FILE).read_text())
 
